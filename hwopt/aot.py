@@ -1,0 +1,98 @@
+"""Ahead-of-time compilation: ``hwopt.compile(model, example_inputs, target=..., **options)``.
+
+Captures the whole model with torch.export (hwopt.capture.from_module), runs the same pipeline as
+the backend (hwopt.compiler) and returns an `Artifact`: callable here when the target runs here,
+savable to a folder (TVM libraries, manifest.json, host plan), with a report of what was done.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+
+from hwopt.capture import from_module
+from hwopt.compiler import Compiled, compile_captured
+from hwopt.errors import HwoptError, OptionError
+from hwopt.options import Options
+
+
+def compile(model: torch.nn.Module, example_inputs, *, example_kwargs: dict | None = None,
+            **options) -> "Artifact":
+    """Compile `model` for `target` ahead of time. Options as for the torch.compile backend."""
+    opts = Options.from_dict(options)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise OptionError("example_inputs must be a tensor or a tuple of tensors")
+    try:
+        cap = from_module(model, args, example_kwargs)
+    except Exception as e:
+        raise HwoptError(f"torch.export could not capture {type(model).__name__}: "
+                         f"{type(e).__name__}: {e}") from e
+    compiled = compile_captured(cap, opts)
+    if opts.report:
+        from hwopt.report import write_report
+
+        write_report(compiled, opts.report)
+    return Artifact(compiled, cap.in_spec, cap.out_spec, [tuple(a.shape) for a in cap.example_inputs])
+
+
+class Artifact:
+    """The result of `hwopt.compile`."""
+
+    def __init__(self, compiled: Compiled, in_spec, out_spec, input_shapes):
+        self.compiled, self.in_spec, self.out_spec = compiled, in_spec, out_spec
+        self.input_shapes = input_shapes
+        self.target = compiled.options.target
+
+    def __call__(self, *args, **kwargs):
+        if not self.target.runs_here():
+            raise HwoptError(f"code for target {self.target.name!r} cannot run on this machine; "
+                             "use art.save(dir) and run it on the device")
+        flat, spec = pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec:
+            raise HwoptError(f"inputs do not match the structure compiled for: expected "
+                             f"{self.in_spec}, got {spec}")
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        for i, (t, shape) in enumerate(zip(tensors, self.input_shapes)):
+            if tuple(t.shape) != shape:
+                raise HwoptError(f"input {i} has shape {tuple(t.shape)}, compiled for {shape}; "
+                                 "compile again for this shape")
+        out = self.compiled(*tensors)
+        return pytree.tree_unflatten(list(out), self.out_spec)
+
+    def save(self, path) -> Path:
+        """Write the target code, manifest.json and the host plan to folder `path`."""
+        from hwopt.cache import versions
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        regions = []
+        for info in self.compiled.regions:
+            entry = {"name": info.name, "executor": info.executor, "reason": info.reason,
+                     "kernels": info.kernels}
+            region = _region_of(self.compiled.module, info.name)
+            if region is not None:
+                region.export(out / f"{info.name}.so")
+                entry["library"] = f"{info.name}.so"
+            regions.append(entry)
+        (out / "host_plan.py").write_text(self.compiled.graph.code)
+        manifest = {"target": self.target.name, "tvm_target": self.target.tvm_target(),
+                    "inputs": [list(s) for s in self.input_shapes], "regions": regions,
+                    "passes": [r.name for r in self.compiled.pass_records if not r.skipped],
+                    "versions": versions()}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+        return out
+
+    def report(self):
+        from hwopt.report import Report
+
+        return Report(self.compiled)
+
+
+def _region_of(module, name):
+    from hwopt.lowering.region import TVMRegion
+
+    region = module if isinstance(module, TVMRegion) else getattr(module, name, None)
+    return region if isinstance(region, TVMRegion) else None

@@ -1,0 +1,91 @@
+"""Lowering: rewritten ATen graph -> runnable module whose supported regions run TVM code.
+
+The *lower* step of the pipeline (see hwopt.compiler). Unsupported ops stay in PyTorch (one warning
+naming them); each supported region is built by `region.build_region`. A region that fails to
+build or to match PyTorch falls back to PyTorch with a warning, or raises when ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+
+from hwopt.errors import LoweringError
+from hwopt.lowering.partition import partition, unsupported_nodes
+from hwopt.lowering.region import RegionInfo, build_region
+
+log = logging.getLogger("hwopt")
+_warned: set = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _region_ops(sub: fx.GraphModule) -> str:
+    ops = []
+    for n in sub.graph.nodes:
+        if n.op == "call_function":
+            name = getattr(n.target, "__name__", str(n.target))
+            if name not in ops:
+                ops.append(name)
+    return ", ".join(ops[:8]) + (" ..." if len(ops) > 8 else "")
+
+
+class _InputRecorder(fx.Interpreter):
+    """Runs the partitioned graph once, remembering the real inputs of each region."""
+
+    def __init__(self, gm, names):
+        super().__init__(gm)
+        self.names, self.seen = set(names), {}
+
+    def call_module(self, target, args, kwargs):
+        if target in self.names:
+            self.seen[target] = list(args)
+        return super().call_module(target, args, kwargs)
+
+
+def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module, list[RegionInfo]]:
+    target = opts.target
+    if opts.executor == "torch":
+        return gm, [RegionInfo("graph", "torch", "executor='torch'")]
+    missing = unsupported_nodes(gm)
+    if missing:
+        if opts.strict:
+            op, nodes = next(iter(missing.items()))
+            raise LoweringError(f"no TVM lowering for this op (remove strict=True to run it in "
+                                f"PyTorch)", node=nodes[0], op=op, target=target.name)
+        warn_once(f"hwopt: ops without a TVM lowering run in PyTorch: {', '.join(missing)}")
+    if not missing:
+        module, info = _build_or_fallback("hwopt_region_0", gm, list(inputs), opts, cache, db)
+        return module, [info]
+    parent, names = partition(gm)
+    with torch.no_grad():
+        rec = _InputRecorder(parent, names)
+        rec.run(*inputs)
+    infos = []
+    for name in names:
+        sub = getattr(parent, name)
+        module, info = _build_or_fallback(name, sub, rec.seen[name], opts, cache, db)
+        setattr(parent, name, module)
+        infos.append(info)
+    return parent, infos
+
+
+def _build_or_fallback(name, sub, inputs, opts, cache, db):
+    try:
+        return build_region(name, sub, inputs, opts, cache, db)
+    except Exception as e:
+        msg = (f"hwopt: region {name} ({_region_ops(sub)}) could not be compiled for target "
+               f"{opts.target.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if opts.strict:
+            if isinstance(e, LoweringError):
+                raise
+            raise LoweringError(msg, target=opts.target.name) from e
+        warn_once(msg + "; running it in PyTorch")
+        log.debug("hwopt: lowering failure", exc_info=True)
+        return sub, RegionInfo(name, "torch", f"build failed: {type(e).__name__}: {e}"[:300])

@@ -1,0 +1,53 @@
+"""FX (ATen level) -> TVM Relax, and the Relax phases that run before scheduling.
+
+Sits in the *lower* step of the pipeline: the rewritten, partitioned ATen graph of one supported
+region comes in; a Relax IRModule with fused, legalized PrimFuncs (conv2d in NHWC/HWIO) comes out,
+ready for the target's schedule rules (``hwopt.schedules``) and ``relax.build``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import tvm
+from tvm import relax
+
+
+def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tvm.IRModule:
+    """Import an ATen-level GraphModule (constants as get_attr) into Relax.
+
+    Constants become Relax constants, so layout changes of weights fold at compile time.
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.export(gm, tuple(example_inputs), strict=False)
+        return from_exported_program(ep, keep_params_as_input=False)
+
+
+def prepare(mod: tvm.IRModule, target: tvm.target.Target, conv_layout: str = "NHWC") -> tvm.IRModule:
+    """Relax phases before scheduling: decompose, canonicalise, NHWC conv layout, legalize, fuse."""
+    passes = [
+        relax.transform.DecomposeOpsForInference(),
+        # Without it a BatchNorm tuple leftover stops the activation from fusing into the conv.
+        relax.transform.CanonicalizeBindings(),
+    ]
+    if conv_layout == "NHWC":
+        passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
+    passes += [
+        relax.transform.FoldConstant(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+    with target:
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    """Build a scheduled module to a VM executable."""
+    return relax.build(mod, target=target, relax_pipeline="default")

@@ -1,0 +1,105 @@
+"""Compile options: the `options` dict of ``torch.compile(..., backend="hwopt")`` and the keyword
+arguments of ``hwopt.compile``. Validated up front; a bad key or value lists the valid ones."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError, did_you_mean
+
+TUNE_MODES = ("none", "measure")
+FALLBACK_MODES = ("auto", "tvm", "torch")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("HWOPT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hwopt"
+
+
+@dataclass
+class Options:
+    """All compile options with their defaults.
+
+    target:       "cpu" (default) or another registered target name, or a hwopt.Target.
+    passes:       pass names or Pass objects; None = the target's default (lossless) pipeline.
+    calibration:  iterable of example-input tuples for lossy passes.
+    report:       path of an HTML report to write, or None.
+    strict:       raise on any lowering failure instead of falling back to PyTorch.
+    cache_dir:    on-disk compile cache; None = $HWOPT_CACHE_DIR or ~/.cache/hwopt. False = off.
+    tune:         "none" (schedule rules, no search), "measure" (time a few tile candidates per
+                  kernel, remembered in the tuning database).
+    executor:     "auto" (per region, the faster of TVM and PyTorch, measured once and cached),
+                  "tvm" (always TVM), "torch" (passes only, run in PyTorch).
+    progress:     show progress bars on long steps.
+    tolerance:    relative error bound that lossy passes must meet.
+    """
+
+    target: Any = "cpu"
+    passes: Any = None
+    calibration: Any = None
+    report: Any = None
+    strict: bool = False
+    cache_dir: Any = None
+    tune: str = "none"
+    executor: str = "auto"
+    progress: bool = True
+    tolerance: float = 1e-2
+    pass_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> "Options":
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise OptionError(f"unknown hwopt option {key!r}.{did_you_mean(key, valid)} "
+                                  f"Valid options: {', '.join(valid)}")
+        opts = cls(**options)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        from .target import get_target
+
+        self.target = get_target(self.target)
+        _choice("tune", self.tune, TUNE_MODES)
+        _choice("executor", self.executor, FALLBACK_MODES)
+        if self.passes is not None:
+            if isinstance(self.passes, (str, bytes)) or not hasattr(self.passes, "__iter__"):
+                raise OptionError(f"option 'passes' must be a list of pass names or Pass objects, "
+                                  f"got {self.passes!r} (e.g. passes=['fuse'])")
+            from .pass_base import get_pass
+
+            self.passes = [get_pass(p, self.pass_config.get(p) if isinstance(p, str) else None)
+                           for p in self.passes]
+        if self.calibration is not None:
+            self.calibration = [b if isinstance(b, (tuple, list)) else (b,)
+                                for b in self.calibration]
+        if not isinstance(self.strict, bool):
+            raise OptionError(f"option 'strict' must be True or False, got {self.strict!r}")
+        if not (isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
+            raise OptionError(f"option 'tolerance' must be a positive number, got {self.tolerance!r}")
+
+    def cache_path(self) -> Path | None:
+        if self.cache_dir is False:
+            return None
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+    def fingerprint(self) -> dict:
+        """The options that change generated code (part of the compile-cache key)."""
+        from .pass_base import config_dict
+
+        return {"target": self.target.name, "tvm_target": self.target.tvm_target(),
+                "passes": [(p.name, config_dict(p)) for p in (self.passes or [])],
+                "tune": self.tune, "executor": self.executor}
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise OptionError(f"option {name!r} must be one of {', '.join(map(repr, valid))}, got "
+                          f"{value!r}.{did_you_mean(str(value), valid)}")

@@ -1,0 +1,2 @@
+"""Built-in rewriting passes, one per module; importing this package registers them."""
+from . import fuse  # noqa: F401

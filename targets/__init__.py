@@ -1,0 +1,1 @@
+"""Hardware targets. Each module here exports ``TARGET`` (a `hwopt.Target`); see hwopt.target."""

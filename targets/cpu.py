@@ -1,0 +1,78 @@
+"""The host CPU target: native code through LLVM for the machine hwopt runs on.
+
+Exports ``TARGET``: spec (peak compute from the vector width LLVM reports for the host CPU, core
+count, memory bandwidth), a roofline cost model, the TVM target dict and the schedule-rule vector
+width. Default pipeline: lossless passes only.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from hwopt.cost import RooflineModel
+from hwopt.target import Target, TargetSpec
+
+FMA_UNITS = 2  # fused multiply-add pipes per core on current x86 cores
+DEFAULT_GHZ = 3.0  # used when the OS does not report a frequency
+DRAM_BW = 25e9  # bytes/s available to two cores; refined by calibration (targets issue)
+
+
+@functools.lru_cache(maxsize=None)
+def host_mcpu() -> str:
+    from tvm.target.codegen import llvm_get_system_cpu
+
+    return os.environ.get("HWOPT_MCPU") or llvm_get_system_cpu()
+
+
+def host_cores() -> int:
+    env = os.environ.get("TVM_NUM_THREADS")
+    return int(env) if env else (os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=None)
+def host_lanes() -> int:
+    """fp32 lanes of the widest vector unit the host CPU has (16 AVX-512, 8 AVX2, else 4)."""
+    import tvm
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    t = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    if llvm_cpu_has_features(["avx512f"], t):
+        return 16
+    if llvm_cpu_has_features(["avx2"], t):
+        return 8
+    return 4
+
+
+def tvm_target() -> dict:
+    return {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": host_cores()}
+
+
+def _ghz() -> float:
+    try:
+        import psutil
+
+        f = psutil.cpu_freq()
+        mhz = (f.max or f.current) if f else 0
+        return mhz / 1e3 if mhz else DEFAULT_GHZ
+    except Exception:
+        return DEFAULT_GHZ
+
+
+@functools.lru_cache(maxsize=None)
+def _spec() -> TargetSpec:
+    lanes, cores = host_lanes(), host_cores()
+    fp32 = cores * FMA_UNITS * lanes * 2 * _ghz() * 1e9
+    return TargetSpec(
+        peak_flops={"float32": fp32, "int8": 4 * fp32}, mem_bw=DRAM_BW,
+        on_chip_bytes=32 * 2**20, vector_lanes=lanes, cores=cores,
+        dtypes=("float32", "int8"), sparsity_formats=())
+
+
+_SPEC = _spec()
+
+TARGET = Target(
+    name="cpu", description="this machine (x86-64), native code via LLVM",
+    spec=_SPEC,
+    cost_model=RooflineModel(peak_flops=_SPEC.peak_flops["float32"], mem_bw=_SPEC.mem_bw),
+    tvm_target=tvm_target, runs_here=lambda: True,
+    default_passes=("fuse",), schedule_lanes=_SPEC.vector_lanes)
