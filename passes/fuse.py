@@ -24,7 +24,8 @@ from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 BN = aten._native_batch_norm_legit_no_training.default
-_IMPURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "copy_", "_assert")
+_IMPURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "copy_", "_assert",
+           "_local_scalar_dense")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ def _foldable(node: fx.Node) -> bool:
         return False
     if any(k in str(node.target) for k in _IMPURE) or node.target._schema.is_mutable:
         return False
-    ins = node.all_input_nodes
-    return bool(ins) and all(is_constant(a) for a in ins)
+    # Factory ops (arange, full, ...) have no inputs: foldable too, within the size limit.
+    return all(is_constant(a) for a in node.all_input_nodes)
 
 
 def fold_constants(gm: fx.GraphModule, max_numel: int) -> int:

@@ -1,0 +1,103 @@
+"""Helpers shared by the schedule rules: block analysis and small loop transformations.
+
+Everything here works on a ``tvm.s_tir.Schedule``; nothing builds or runs code.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+
+
+def acc_regs(lanes: int) -> int:
+    """Vector registers a register tile may use for accumulators.
+
+    AVX-512 (16 fp32 lanes) and NEON (4 lanes) have 32 vector registers, AVX2 (8 lanes) has 16;
+    a few stay free for the broadcast operand and the weight vectors.
+    """
+    return 12 if lanes == 8 else 28
+
+# Below this many scalar operations a parallel launch costs more than it saves.
+PARALLEL_MIN_WORK = 1 << 15
+
+
+def blocks(sch: s_tir.Schedule) -> list[s_tir.schedule.SBlockRV]:
+    """Top-level blocks of the func body in program order."""
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def block_name(sch: s_tir.Schedule, block) -> str:
+    return sch.get(block).name_hint
+
+
+def iter_kinds(sch: s_tir.Schedule, block) -> str:
+    """'S'/'R'/'O' per block iter var, e.g. 'SSR' for a matmul."""
+    kinds = {tirx.IterVar.DataPar: "S", tirx.IterVar.CommReduce: "R"}
+    return "".join(kinds.get(int(iv.iter_type), "O") for iv in sch.get(block).iter_vars)
+
+
+def extents(sch: s_tir.Schedule, loops) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in loops]
+
+
+def is_reduction(sch: s_tir.Schedule, block) -> bool:
+    return "R" in iter_kinds(sch, block)
+
+
+def has_reduction(func: tirx.PrimFunc) -> bool:
+    sch = s_tir.Schedule(func)
+    return any(is_reduction(sch, b) for b in blocks(sch))
+
+
+def find_block(sch: s_tir.Schedule, pred):
+    for b in blocks(sch):
+        if pred(sch, b):
+            return b
+    return None
+
+
+def inline_producers(sch: s_tir.Schedule, keep: set[str], cheap_only: bool = False) -> None:
+    """Inline every spatial, non-output block whose name is not in ``keep`` (best effort)."""
+    outputs = {block_name(sch, b) for b in sch.get_output_blocks(sch.get_sblock("root"))}
+    for b in blocks(sch):
+        name = block_name(sch, b)
+        if name in keep or name in outputs or is_reduction(sch, b):
+            continue
+        if cheap_only and not _is_cheap(sch, b) and len(sch.get_consumers(b)) > 1:
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 - not inlinable: stays a loop nest of its own
+            pass
+
+
+def _is_cheap(sch: s_tir.Schedule, block) -> bool:
+    """True when the block body has no transcendental call (safe to recompute per consumer)."""
+    text = str(sch.get(block).body)
+    return not any(f in text for f in ("exp", "tanh", "erf", "log", "sqrt", "pow", "sigmoid"))
+
+
+def vectorize_tail(sch: s_tir.Schedule, loop, lanes: int) -> None:
+    """Vectorize ``loop`` by ``lanes`` when its extent allows it (else leave it scalar)."""
+    n = int(sch.get(loop).extent)
+    if n % lanes == 0 and n > lanes:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
+    elif 1 < n <= 4 * lanes and n % 4 == 0:
+        sch.vectorize(loop)
+
+
+def parallel_outer(sch: s_tir.Schedule, loops, work: int) -> None:
+    """Fuse ``loops`` and run them in parallel if the total work pays for a thread launch."""
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if work >= PARALLEL_MIN_WORK and int(sch.get(fused).extent) >= 2:
+        sch.parallel(fused)
+
+
+def divisors_in(n: int, options) -> list[int]:
+    return [o for o in options if o <= n and n % o == 0]
+
+
+def round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m

@@ -1,0 +1,93 @@
+"""Schedule rule for NHWC/HWIO conv2d (plain, grouped, depthwise) with a fused elementwise epilogue.
+
+Template: the epilogue (BatchNorm, bias, activation) is inlined into the write-back of a
+``cache_write`` register tile of ``reg_w`` output columns x ``oc_block`` output channels; loops run
+(n, h, oc-outer, w-outer, kh, kw, ic, w-inner, oc-inner), the fused outer loops in parallel, the
+w-inner loop unrolled and oc-inner vectorized by ``lanes``.  Needs the layout from
+``hwopt.lowering.relax_import.prepare`` (NHWC data, HWIO weights).
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from .common import acc_regs, blocks, block_name, extents, iter_kinds, parallel_outer, vectorize_tail
+
+_OC_BLOCKS = (64, 32, 128, 48, 96, 16)
+_REG_W = (7, 8, 14, 4, 6, 3, 5, 16, 28, 2, 1)
+
+
+def _conv_block(sch: s_tir.Schedule):
+    for b in blocks(sch):
+        if iter_kinds(sch, b) == "SSSSRRR" and "nhwc" in block_name(sch, b):
+            return b
+    return None
+
+
+class Conv2dNHWC:
+    """NHWC conv2d + epilogue, register-tiled over (w, oc)."""
+
+    name = "conv2d_nhwc"
+
+    def match(self, func: tirx.PrimFunc) -> bool:
+        return _conv_block(s_tir.Schedule(func)) is not None
+
+    def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
+        sch = s_tir.Schedule(func)
+        _, _, w, oc, *_ = extents(sch, sch.get_loops(_conv_block(sch)))
+        if oc % lanes:
+            oc_blocks = [oc]
+        else:
+            oc_blocks = [b for b in _OC_BLOCKS if b % lanes == 0 and oc % b == 0] or [oc]
+        cands = []
+        for ob in oc_blocks:
+            vecs = max(ob // lanes, 1)
+            for rw in _REG_W:
+                if w % rw == 0 and vecs * rw <= acc_regs(lanes):
+                    cands.append({"oc_block": ob, "reg_w": rw})
+        # Fill the accumulator registers first; keep the preference order among equals.
+        order = {id(c): i for i, c in enumerate(cands)}
+        cands.sort(key=lambda c: (-min(max(c["oc_block"] // lanes, 1) * c["reg_w"], acc_regs(lanes)) // 4,
+                                  order[id(c)]))
+        return cands[:12]
+
+    def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:
+        ob, rw = params["oc_block"], params["reg_w"]
+        sch = s_tir.Schedule(func)
+        conv = _conv_block(sch)
+        names = [block_name(sch, b) for b in blocks(sch)]
+        pos = names.index(block_name(sch, conv))
+        pre, epi = names[:pos], names[pos + 1:]
+        for name in epi[:-1]:
+            sch.compute_inline(sch.get_sblock(name))
+        n, h, w, oc, rh, rw_, rc = sch.get_loops(conv)
+        cache = sch.cache_write(conv, 0, "global")
+        if epi:
+            sch.reverse_compute_inline(sch.get_sblock(epi[-1]))
+        wo, wi = sch.split(w, [None, rw])
+        oco, oci = sch.split(oc, [None, ob])
+        sch.reorder(n, h, oco, wo, rh, rw_, rc, wi, oci)
+        sch.reverse_compute_at(cache, wo)
+        sch.parallel(sch.fuse(n, h, oco))
+        sch.unroll(wi)
+        if ob % lanes == 0 and ob > lanes:
+            vo, vi = sch.split(oci, [None, lanes])
+            sch.unroll(vo)
+            sch.vectorize(vi)
+        else:
+            sch.vectorize(oci)
+        sch.decompose_reduction(conv, rh)
+        vectorize_tail(sch, sch.get_loops(cache)[-1], lanes)
+        for name in pre:
+            _schedule_pad(sch, sch.get_sblock(name), lanes)
+        return sch.mod["main"]
+
+
+def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """Padding / layout producer of the conv input: parallel rows, vector channels."""
+    loops = sch.get_loops(block)
+    sizes = extents(sch, loops)
+    total = 1
+    for s in sizes:
+        total *= s
+    vectorize_tail(sch, loops[-1], lanes)
+    parallel_outer(sch, loops[:2], total)

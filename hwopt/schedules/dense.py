@@ -1,0 +1,132 @@
+"""Schedule rule for dense / matmul / batched matmul (incl. attention QK^T and PV) + epilogue.
+
+Template: an ``mr x nr`` register tile (``cache_write``) accumulates over k (split by ``k_unroll``,
+unrolled); rows are unrolled, columns vectorized by ``lanes``; (batch, row-tile, col-tile) run in
+parallel.  Shapes that do not divide the tile are padded with ``pad_einsum`` (zero rows/cols),
+so the vector loop never needs a predicate.  B is read as [.., k, j] (what Relax legalizes
+``matmul`` to); a [.., j, k] operand still computes correctly, only slower.
+"""
+from __future__ import annotations
+
+import re
+
+from tvm import s_tir, tirx
+
+from .common import acc_regs, blocks, block_name, extents, iter_kinds, parallel_outer, round_up, vectorize_tail
+
+# Register tiles in preference order (rows, columns in vectors).
+_TILES = ((6, 2), (4, 4), (8, 2), (12, 2), (4, 3), (6, 3), (4, 2), (3, 4), (8, 3), (2, 4), (1, 4), (1, 2), (1, 1))
+
+
+def _mm_block(sch: s_tir.Schedule):
+    for b in blocks(sch):
+        if re.fullmatch("S{2,}R", iter_kinds(sch, b)) and _is_mac(sch.get(b)):
+            return b
+    return None
+
+
+def _is_mac(block) -> bool:
+    """Two distinct operands, both indexed by the reduction var, multiplied and summed."""
+    k = block.iter_vars[-1].var
+    reads = [r for r in block.reads if not r.source.same_as(block.writes[0].source)]
+    if len(reads) != 2 or reads[0].source.same_as(reads[1].source):
+        return False
+    uses_k = [any(_uses(rg.min, k) for rg in r.region) for r in reads]
+    return all(uses_k) and "*" in str(block.body)
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def _shape(sch: s_tir.Schedule, block) -> tuple[int, int, int, int]:
+    """(batch, M, N, K) of the matmul block."""
+    sizes = extents(sch, sch.get_loops(block))
+    batch = 1
+    for s in sizes[:-3]:
+        batch *= s
+    return batch, sizes[-3], sizes[-2], sizes[-1]
+
+
+class Dense:
+    """Dense / batched matmul with a fused elementwise epilogue."""
+
+    name = "dense"
+
+    def match(self, func: tirx.PrimFunc) -> bool:
+        return _mm_block(s_tir.Schedule(func)) is not None
+
+    def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
+        sch = s_tir.Schedule(func)
+        batch, m, n, k = _shape(sch, _mm_block(sch))
+        ku = next(u for u in (4, 2, 1) if k % u == 0)
+        if n < lanes:
+            return [{"mr": mr, "nr": n, "k_unroll": ku} for mr in (4, 1) if mr <= m] or \
+                   [{"mr": 1, "nr": n, "k_unroll": ku}]
+        cands = []
+        for mr, vecs in _TILES:
+            nr = vecs * lanes
+            if mr * vecs > acc_regs(lanes) or mr > m or nr > round_up(n, lanes):
+                continue
+            waste = round_up(m, mr) * round_up(n, nr) / (m * n) - 1.0
+            tasks = batch * -(-m // mr) * -(-n // nr)
+            cands.append(({"mr": mr, "nr": nr, "k_unroll": ku}, waste, tasks))
+        # Little padding first, enough tasks for two threads, then the preference order.
+        w0 = min(c[1] for c in cands)
+        cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4, c[1] - w0 > 0.02))
+        return [c[0] for c in cands[:12]]
+
+    def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:
+        mr, nr, ku = params["mr"], params["nr"], params["k_unroll"]
+        sch = s_tir.Schedule(func)
+        mm = _mm_block(sch)
+        batch, m, n, k = _shape(sch, mm)
+        mm_name = block_name(sch, mm)
+        pad = [1] * (len(sch.get_loops(mm)) - 3) + [mr if m % mr else 1, nr if n % nr else 1, 1]
+        padded = any(p > 1 for p in pad)
+        before = {block_name(sch, b) for b in blocks(sch)}
+        if padded:
+            sch.pad_einsum(mm, pad)
+        mm = sch.get_sblock(mm_name)
+        names = [block_name(sch, b) for b in blocks(sch)]
+        pos = names.index(mm_name)
+        epi = names[pos + 1:]
+        # The unpad copy (if any) and all but the last epilogue block fold into their consumer.
+        for name in epi[:-1]:
+            sch.compute_inline(sch.get_sblock(name))
+        cache = sch.cache_write(mm, 0, "global")
+        rest = []
+        if epi and not padded:
+            sch.reverse_compute_inline(sch.get_sblock(epi[-1]))
+        elif epi:
+            rest.append(epi[-1])
+        *bl, i, j, kk = sch.get_loops(mm)
+        io, ii = sch.split(i, [None, mr])
+        jo, ji = sch.split(j, [None, nr])
+        ko, ki = sch.split(kk, [None, ku])
+        sch.reorder(*bl, io, jo, ko, ki, ii, ji)
+        sch.reverse_compute_at(cache, jo)
+        parallel_outer(sch, [*bl, io, jo], batch * m * n * k)
+        sch.unroll(ki)
+        sch.unroll(ii)
+        if nr % lanes == 0 and nr > lanes:
+            jv, jl = sch.split(ji, [None, lanes])
+            sch.unroll(jv)
+            sch.vectorize(jl)
+        else:
+            sch.vectorize(ji)
+        sch.decompose_reduction(mm, ko)
+        vectorize_tail(sch, sch.get_loops(cache)[-1], lanes)
+        rest += [x for x in names[:pos] if x not in before]  # pad_einsum's input copies
+        for name in rest:
+            _schedule_copy(sch, sch.get_sblock(name), lanes)
+        return sch.mod["main"]
+
+
+def _schedule_copy(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    total = 1
+    for s in extents(sch, loops):
+        total *= s
+    vectorize_tail(sch, loops[-1], lanes)
+    parallel_outer(sch, sch.get_loops(block)[:-1] if len(loops) > 1 else [], total)

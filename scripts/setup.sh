@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets up hwopt in ./.venv on a fresh machine (idempotent). Torch is pinned and installed first:
+# a plain "torch" would pull a multi-GB CUDA build instead of the CPU wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+  || .venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e ".[test,models]"

@@ -1,0 +1,14 @@
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    """A fresh compile cache per test, so tests never see each other's entries."""
+    return tmp_path / "hwopt-cache"
