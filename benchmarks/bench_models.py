@@ -1,0 +1,79 @@
+"""Model-zoo latency: eager vs Inductor vs hwopt (backend="hwopt"), measured in one run.
+
+    .venv/bin/python benchmarks/bench_models.py [--models cnn,bert] [--small] [--tune measure]
+
+Prints per model: median latencies (interleaved), ratios, max relative error against eager,
+first-compile times (cold cache), a cache-hit compile time and RSS growth. Exits non-zero only on
+a crash, never on a slow figure.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+from hwopt.bench import environment, interleaved, pin_threads, rel_error, rss_mb, table
+
+pin_threads(2)
+
+import torch  # noqa: E402
+
+from hwopt import zoo  # noqa: E402
+
+
+def run(name: str, small: bool, tune: str, cache_dir: str) -> dict:
+    model, args = zoo.MODELS[name](small=small)
+    row = {"model": name, "input": "x".join(map(str, args[0].shape))}
+    with torch.no_grad():
+        ref = model(*args)
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        inductor = torch.compile(model)
+        inductor(*args)
+        row["inductor compile s"] = time.perf_counter() - t
+        rss0 = rss_mb()
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        fast = torch.compile(model, backend="hwopt",
+                             options={"cache_dir": cache_dir, "tune": tune, "progress": False})
+        out = fast(*args)
+        row["hwopt compile s"] = time.perf_counter() - t
+        row["hwopt rss +MB"] = rss_mb() - rss0
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        again = torch.compile(model, backend="hwopt", options={"cache_dir": cache_dir,
+                                                               "tune": tune})
+        again(*args)
+        row["hwopt cached compile s"] = time.perf_counter() - t
+        row["hwopt rel err"] = rel_error(out, ref)
+        row["inductor rel err"] = rel_error(inductor(*args), ref)
+        med = interleaved({"eager": lambda: model(*args), "inductor": lambda: inductor(*args),
+                           "hwopt": lambda: again(*args)})
+    row.update({f"{k} ms": v * 1e3 for k, v in med.items()})
+    row["hwopt/eager"] = med["hwopt"] / med["eager"]
+    row["hwopt/inductor"] = med["hwopt"] / med["inductor"]
+    return row
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(zoo.MODELS))
+    p.add_argument("--small", action="store_true", help="reduced sizes (quick check)")
+    p.add_argument("--tune", default="none", choices=["none", "measure"])
+    a = p.parse_args()
+    print(environment(), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for name in a.models.split(","):
+            print(f"... {name}", file=sys.stderr, flush=True)
+            rows.append(run(name, a.small, a.tune, cache_dir))
+    cols = ["model", "input", "eager ms", "inductor ms", "hwopt ms", "hwopt/eager",
+            "hwopt/inductor", "hwopt rel err", "inductor compile s", "hwopt compile s",
+            "hwopt cached compile s", "hwopt rss +MB"]
+    print(table(rows, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The ``hwopt`` command: ``hwopt targets``, ``hwopt compile MODULE:FACTORY ...``, ``hwopt bench``.
+
+Exit codes: 0 success, 1 compile/runtime error, 2 bad usage or options.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _load_factory(spec: str):
+    if ":" not in spec:
+        raise SystemExit(f"hwopt: expected MODULE:FACTORY (e.g. hwopt.zoo:cnn), got {spec!r}")
+    mod, name = spec.split(":", 1)
+    sys.path.insert(0, ".")
+    return getattr(importlib.import_module(mod), name)
+
+
+def _inputs(model_and_maybe_inputs, shapes):
+    import torch
+
+    if isinstance(model_and_maybe_inputs, tuple):
+        model, args = model_and_maybe_inputs
+    else:
+        model, args = model_and_maybe_inputs, None
+    if shapes:
+        args = tuple(torch.randn(*[int(d) for d in s.split("x")]) for s in shapes)
+    if args is None:
+        raise SystemExit("hwopt: the factory returned only a model: give --input, e.g. "
+                         "--input 1x3x224x224")
+    return model.eval(), args
+
+
+def cmd_targets(_a) -> int:
+    from hwopt.target import list_targets
+
+    for name, t in sorted(list_targets().items()):
+        s = t.spec
+        print(f"{name:8s} {t.description}")
+        print(f"         peak {s.peak_flops['float32'] / 1e9:.0f} GFLOP/s fp32, memory "
+              f"{s.mem_bw / 1e9:.0f} GB/s, {s.cores} cores, {s.vector_lanes} lanes, dtypes "
+              f"{', '.join(s.dtypes)}; runs here: {'yes' if t.runs_here() else 'no'}")
+    return EXIT_OK
+
+
+def cmd_compile(a) -> int:
+    import hwopt
+
+    model, args = _inputs(_load_factory(a.factory)(), a.input)
+    art = hwopt.compile(model, args, target=a.target, tune=a.tune, progress=not a.quiet,
+                        **({"passes": a.passes.split(",")} if a.passes else {}))
+    out = art.save(a.output)
+    print(art.report())
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_bench(a) -> int:
+    import torch
+
+    from hwopt.bench import interleaved, pin_threads, rel_error, table
+
+    pin_threads(2)
+    model, args = _inputs(_load_factory(a.factory)(), a.input)
+    with torch.no_grad():
+        ref = model(*args)
+        ind = torch.compile(model)
+        ind(*args)
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend="hwopt", options={"target": a.target})
+        err = rel_error(fast(*args), ref)
+    med = interleaved({"eager": lambda: model(*args), "inductor": lambda: ind(*args),
+                       "hwopt": lambda: fast(*args)})
+    row = {f"{k} ms": v * 1e3 for k, v in med.items()}
+    row.update({"hwopt/eager": med["hwopt"] / med["eager"],
+                "hwopt/inductor": med["hwopt"] / med["inductor"], "rel err": err})
+    print(table([row], list(row)))
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware PyTorch compiler.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("targets", help="list targets and their specs").set_defaults(fn=cmd_targets)
+    c = sub.add_parser("compile", help="compile MODULE:FACTORY ahead of time and save it")
+    c.add_argument("factory", help="MODULE:FACTORY returning a model or (model, inputs)")
+    c.add_argument("--input", action="append", help="input shape like 1x3x224x224 (repeatable)")
+    c.add_argument("--target", default="cpu")
+    c.add_argument("--passes", help="comma-separated pass names")
+    c.add_argument("--tune", default="none", choices=["none", "measure"])
+    c.add_argument("-o", "--output", default="hwopt-out")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(fn=cmd_compile)
+    b = sub.add_parser("bench", help="eager vs Inductor vs hwopt, measured in one run")
+    b.add_argument("factory")
+    b.add_argument("--input", action="append")
+    b.add_argument("--target", default="cpu")
+    b.set_defaults(fn=cmd_bench)
+    a = p.parse_args(argv)
+    from hwopt.errors import HwoptError, OptionError
+
+    try:
+        return a.fn(a)
+    except OptionError as e:
+        print(f"hwopt: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except HwoptError as e:
+        print(f"hwopt: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
