@@ -7,13 +7,17 @@ running the graph in PyTorch with a warning (or raises with ``strict=True``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
 
 import torch
 
-from hwopt.capture import from_dynamo
+from hwopt.cache import CompileCache, tensor_digest, versions
+from hwopt.capture import from_dynamo, has_symbolic, is_weight
 from hwopt.compiler import compile_captured
+from hwopt.lowering.region import TVMRegion
 from hwopt.errors import HwoptError, OptionError
 from hwopt.options import Options
 
@@ -29,8 +33,19 @@ def hwopt_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
                           f"{', '.join(kwargs)} (torch.compile(model, backend='hwopt', "
                           f"options={{'target': 'cpu'}}))")
     opts = Options.from_dict(options)
-    eager = gm.forward
     _warn_if_training(example_inputs)
+    if has_symbolic(example_inputs):
+        return ShapeSpecialized(gm, opts)
+    return _compile_static(gm, example_inputs, opts)
+
+
+def _compile_static(gm, example_inputs, opts):
+    eager = gm.forward
+    cache = CompileCache(opts.cache_path())
+    key = _graph_key(gm, example_inputs, opts) if cache.root and not opts.report else None
+    planned = _load_plan(cache, key, example_inputs, eager) if key else None
+    if planned is not None:
+        return planned
     try:
         cap = from_dynamo(gm, list(example_inputs))
         compiled = compile_captured(cap, opts)
@@ -47,7 +62,61 @@ def hwopt_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
         from hwopt.report import write_report
 
         write_report(compiled, opts.report)
+    if key and isinstance(compiled.module, TVMRegion):
+        cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)}, compiled.module)
+    elif key and [r.executor for r in compiled.regions] == ["torch"] and not missing_ops(compiled):
+        # The whole graph measured faster in PyTorch: remember that, and skip capture next time.
+        cache.store(key, {"plan": "torch", "reason": compiled.regions[0].reason})
     return _runner(compiled, cap.input_indices, cap.frozen, eager)
+
+
+def missing_ops(compiled) -> bool:
+    return any(r.reason.startswith("build failed") for r in compiled.regions)
+
+
+def _graph_key(gm, example_inputs, opts) -> str:
+    """Key of a whole Dynamo graph before capture: its code, every input's shape and dtype, the
+    values of the weights among them, and the options. A hit skips capture, passes and lowering."""
+    h = hashlib.sha256(b"dynamo-graph")
+    h.update(gm.code.encode())
+    for x in example_inputs:
+        if not isinstance(x, torch.Tensor):
+            h.update(repr(x).encode())
+            continue
+        h.update(f"{tuple(x.shape)}:{x.dtype}:{x.device}:{is_weight(x)};".encode())
+        if is_weight(x):
+            h.update(tensor_digest(x).encode())
+    h.update(json.dumps({**opts.fingerprint(), **versions()}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _load_plan(cache, key, example_inputs, eager):
+    """The runner stored for this exact graph, when the whole graph was one TVM region."""
+    hit = cache.load(key)
+    if hit is not None and hit[0].get("plan") == "torch":
+        log.info("hwopt: cached decision: this graph runs in PyTorch (%s)", hit[0].get("reason"))
+        return eager
+    if hit is None or hit[0].get("plan") != "tvm" or hit[1] is None:
+        return None
+    import tvm
+    from tvm import relax
+
+    meta, lib = hit
+    try:
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+    except Exception as e:  # a library that does not load is rebuilt, never trusted
+        log.warning("hwopt: cached library %s did not load (%s); rebuilding", lib, e)
+        return None
+    region = TVMRegion(vm, single_output=False, library_path=str(lib))
+    indices = meta["indices"]
+    frozen = [(x, x._version) for i, x in enumerate(example_inputs)
+              if isinstance(x, torch.Tensor) and is_weight(x)]
+
+    def compiled(*args):
+        with torch.no_grad():
+            return region(*args)
+
+    return _runner(compiled, indices, frozen, eager)
 
 
 def _runner(compiled, indices, frozen, eager):
@@ -63,6 +132,31 @@ def _runner(compiled, indices, frozen, eager):
 
     run.hwopt_compiled = compiled
     return run
+
+
+class ShapeSpecialized:
+    """A graph with dynamic shapes: compiled once per concrete shape seen at run time (a few
+    shapes at most; past that, new shapes run in PyTorch with a warning)."""
+
+    MAX_SHAPES = 8
+
+    def __init__(self, gm, opts):
+        self.gm, self.opts, self.compiled = gm, opts, {}
+
+    @staticmethod
+    def _key(args) -> tuple:
+        return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+    def __call__(self, *args):
+        key = self._key(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            if len(self.compiled) >= self.MAX_SHAPES:
+                warnings.warn(f"hwopt: more than {self.MAX_SHAPES} input shapes for one graph; "
+                              "new shapes run in PyTorch", stacklevel=2)
+                return self.gm.forward(*args)
+            fn = self.compiled[key] = _compile_static(self.gm, list(args), self.opts)
+        return fn(*args)
 
 
 def _warn_if_training(example_inputs) -> None:

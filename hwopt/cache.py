@@ -100,8 +100,11 @@ class CompileCache:
             d.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
             meta = dict(meta, key=key)
-            if executable is not None:
-                executable.export_library(str(tmp / "lib.so"))
+            if executable is not None:  # a TVM executable, or anything with .export(path)
+                if hasattr(executable, "export_library"):
+                    executable.export_library(str(tmp / "lib.so"))
+                else:
+                    executable.export(tmp / "lib.so")
                 meta["library"] = "lib.so"
                 meta["library_sha256"] = _sha(tmp / "lib.so")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))

@@ -33,12 +33,12 @@ class Captured:
     out_spec: Any = None  # pytree spec of the user's outputs, AOT path only
 
 
-def _is_weight(t: Any) -> bool:
+def is_weight(t: Any) -> bool:
     # Dynamo marks parameters and buffers of nn.Modules it inlines as static inputs.
     return isinstance(t, torch.nn.Parameter) or bool(getattr(t, "_dynamo_static_input_type", None))
 
 
-def _has_symbolic(xs) -> bool:
+def has_symbolic(xs) -> bool:
     for x in xs:
         if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             return True
@@ -58,7 +58,7 @@ def freeze_weights(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, 
                            "example inputs were given")
     user, frozen = [], []
     for i, (node, val) in enumerate(zip(placeholders, example_inputs)):
-        if isinstance(val, torch.Tensor) and _is_weight(val):
+        if isinstance(val, torch.Tensor) and is_weight(val):
             name = f"_hwopt_const{i}"
             gm.register_buffer(name, val.detach())
             with gm.graph.inserting_before(node):
@@ -67,10 +67,19 @@ def freeze_weights(gm: fx.GraphModule, example_inputs) -> tuple[fx.GraphModule, 
             node.replace_all_uses_with(attr)
             gm.graph.erase_node(node)
             frozen.append((val, val._version))
+        elif isinstance(val, (int, float, bool)):
+            _bake_scalar(node, val)  # a concrete value for a symbolic size: specialise on it
+            gm.graph.erase_node(node)
         else:
             user.append(i)
     gm.recompile()
     return gm, user, frozen
+
+
+def _bake_scalar(node: fx.Node, value) -> None:
+    for user in list(node.users):
+        user.args = fx.node.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = fx.node.map_arg(user.kwargs, lambda a: value if a is node else a)
 
 
 def _flatten_exported(ep: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -104,7 +113,7 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
 
 def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Captured:
     """Canonical form of the graph Dynamo hands to a backend."""
-    if _has_symbolic(example_inputs):
+    if has_symbolic(example_inputs):
         raise CaptureError("the graph has symbolic (dynamic) shapes; hwopt compiles static "
                            "shapes here (use torch.compile(..., dynamic=False))")
     # A new module over a copied graph: the caller's graph stays intact for the eager fallback.

@@ -95,3 +95,39 @@ def test_graph_break_compiles_both_graphs(cache_dir):
 
 def test_hwopt_is_exported():
     assert callable(hwopt.compile) and hwopt.register_pass and hwopt.PassResult
+
+
+def test_dynamic_shapes_compile_per_shape(cache_dir, monkeypatch):
+    import hwopt.backend as backend
+
+    calls = []
+    real = backend._compile_static
+    monkeypatch.setattr(backend, "_compile_static",
+                        lambda gm, ex, opts: calls.append([tuple(getattr(e, "shape", ()))
+                                                           for e in ex]) or real(gm, ex, opts))
+    m, _ = zoo.bert(small=True)
+    fast = _compile(m, cache_dir=str(cache_dir), executor="tvm")
+    with torch.no_grad():
+        for length in (32, 16, 24, 16):
+            x = torch.randint(0, 1000, (1, length))
+            torch.testing.assert_close(fast(x).last_hidden_state, m(x).last_hidden_state,
+                                       rtol=1e-4, atol=1e-4)
+    # 32 compiles static; Dynamo then marks the length dynamic and hwopt specialises per shape
+    assert len(calls) == 3
+
+
+def test_backend_cache_hit_skips_capture(cache_dir):
+    code = (
+        "import torch, hwopt.backend as b; from hwopt import zoo\n"
+        "import sys\n"
+        "if sys.argv[1] == 'hit':\n"
+        "    def boom(*a, **k): raise SystemExit('capture ran on a cache hit')\n"
+        "    b.from_dynamo = boom\n"
+        "m, a = zoo.cnn(small=True)\n"
+        f"f = torch.compile(m, backend='hwopt', options={{'cache_dir': {str(cache_dir)!r}, "
+        "'executor': 'tvm'})\n"
+        "with torch.no_grad(): torch.testing.assert_close(f(*a), m(*a), rtol=1e-4, atol=1e-5)\n")
+    subprocess.run([sys.executable, "-c", code, "miss"], check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning:hwopt", "-c", code, "hit"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -76,6 +76,17 @@ def _is_cheap(sch: s_tir.Schedule, block) -> bool:
     return not any(f in text for f in ("exp", "tanh", "erf", "log", "sqrt", "pow", "sigmoid"))
 
 
+def vector_safe(sch: s_tir.Schedule, block) -> bool:
+    """False when the block touches bool buffers (LLVM codegen rejects vectors of i1 compares)."""
+    blk = sch.get(block)
+    return all(str(r.source.dtype) != "bool" for r in list(blk.reads) + list(blk.writes))
+
+
+def reuse(rows: int, vecs: int) -> float:
+    """FMAs per load of a rows x vecs register tile: the analytic score of a tile shape."""
+    return rows * vecs / (rows + vecs)
+
+
 def vectorize_tail(sch: s_tir.Schedule, loop, lanes: int) -> None:
     """Vectorize ``loop`` by ``lanes`` when its extent allows it (else leave it scalar)."""
     n = int(sch.get(loop).extent)

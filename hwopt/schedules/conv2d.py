@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import acc_regs, blocks, block_name, extents, iter_kinds, parallel_outer, vectorize_tail
+from .common import acc_regs, block_name, blocks, extents, iter_kinds, parallel_outer, reuse, vectorize_tail
 
 _OC_BLOCKS = (64, 32, 128, 48, 96, 16)
 _REG_W = (7, 8, 14, 4, 6, 3, 5, 16, 28, 2, 1)
@@ -44,10 +44,8 @@ class Conv2dNHWC:
             for rw in _REG_W:
                 if w % rw == 0 and vecs * rw <= acc_regs(lanes):
                     cands.append({"oc_block": ob, "reg_w": rw})
-        # Fill the accumulator registers first; keep the preference order among equals.
-        order = {id(c): i for i, c in enumerate(cands)}
-        cands.sort(key=lambda c: (-min(max(c["oc_block"] // lanes, 1) * c["reg_w"], acc_regs(lanes)) // 4,
-                                  order[id(c)]))
+        # Most FMAs per load first (the stable sort keeps the preference order among equals).
+        cands.sort(key=lambda c: -round(reuse(c["reg_w"], max(c["oc_block"] // lanes, 1)), 1))
         return cands[:12]
 
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:

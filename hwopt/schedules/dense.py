@@ -12,7 +12,7 @@ import re
 
 from tvm import s_tir, tirx
 
-from .common import acc_regs, blocks, block_name, extents, iter_kinds, parallel_outer, round_up, vectorize_tail
+from .common import acc_regs, block_name, blocks, extents, iter_kinds, parallel_outer, reuse, round_up, vectorize_tail
 
 # Register tiles in preference order (rows, columns in vectors).
 _TILES = ((6, 2), (4, 4), (8, 2), (12, 2), (4, 3), (6, 3), (4, 2), (3, 4), (8, 3), (2, 4), (1, 4), (1, 2), (1, 1))
@@ -73,7 +73,8 @@ class Dense:
             cands.append(({"mr": mr, "nr": nr, "k_unroll": ku}, waste, tasks))
         # Little padding first, enough tasks for two threads, then the preference order.
         w0 = min(c[1] for c in cands)
-        cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4, c[1] - w0 > 0.02))
+        cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4, c[1] - w0 > 0.02,
+                                  -round(reuse(c[0]["mr"], c[0]["nr"] // lanes), 1)))
         return [c[0] for c in cands[:12]]
 
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import blocks, extents, has_reduction, inline_producers, parallel_outer, vectorize_tail
+from .common import blocks, extents, has_reduction, inline_producers, parallel_outer, vector_safe, vectorize_tail
 
 
 class Injective:
@@ -42,7 +42,8 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int, parallel: bool = Tr
     if sizes[-1] % lanes and len(loops) > 1:
         # Short or ragged inner axis: vectorize the fused index instead.
         loops = [sch.fuse(*loops)]
-    vectorize_tail(sch, loops[-1], lanes)
+    if vector_safe(sch, block):
+        vectorize_tail(sch, loops[-1], lanes)
     outer = sch.get_loops(block)
     if int(sch.get(outer[-1]).kind) == int(tirx.ForKind.VECTORIZED):
         outer = outer[:-1]

@@ -32,7 +32,7 @@ def measure_func(func: tirx.PrimFunc, target: tvm.target.Target, repeat: int = 5
     """Median seconds of one call of the built PrimFunc on random inputs."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=target)
-    ev = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=20)
+    ev = lib.mod.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat, min_repeat_ms=20)
     return float(np.median(ev(*_random_args(func)).results))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import blocks, extents, has_reduction, inline_producers, iter_kinds, parallel_outer, vectorize_tail
+from .common import blocks, extents, has_reduction, inline_producers, iter_kinds, parallel_outer, vector_safe, vectorize_tail
 from .injective import schedule_spatial
 
 
@@ -67,7 +67,7 @@ def _fuse_rows(sch: s_tir.Schedule, lanes: int) -> None:
         sch.compute_at(b, rows, preserve_unit_loops=True)
     for b in bs:
         inner = sch.get_loops(b)[1:]
-        if inner and "R" not in iter_kinds(sch, b):
+        if inner and "R" not in iter_kinds(sch, b) and vector_safe(sch, b):
             vectorize_tail(sch, inner[-1], lanes)
     parallel_outer(sch, [rows], work)
 
