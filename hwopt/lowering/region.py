@@ -128,10 +128,21 @@ def _schedule(mod, target, opts, db: TuningDB):
     tvm_target = target.tvm()
     tstr = str(tvm_target)
     lanes = target.schedule_lanes
+    bar = None
+    if opts.tune == "measure":
+        from tqdm.auto import tqdm
+
+        from tvm import tirx
+
+        kernels = sum(1 for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
+        bar = tqdm(total=kernels, desc="hwopt tuning", unit="kernel", disable=not opts.progress)
 
     def pick(name, func, rule, candidates):
         key = TuningDB.key(func, tstr, lanes)
         known = db.get(key)
+        if bar is not None:
+            bar.set_postfix_str(name[:30])
+            bar.update(1)
         if known is not None or opts.tune != "measure" or len(candidates) < 2:
             return known
         best = None
@@ -148,7 +159,11 @@ def _schedule(mod, target, opts, db: TuningDB):
         db.put(key, rule.name, best[1], best[0])
         return best[1]
 
-    return schedule_module(mod, lanes=lanes, pick=pick)
+    try:
+        return schedule_module(mod, lanes=lanes, pick=pick)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
