@@ -17,8 +17,8 @@ import torch
 from hwopt.cache import CompileCache, tensor_digest, versions
 from hwopt.capture import from_dynamo, has_symbolic, is_weight
 from hwopt.compiler import compile_captured
-from hwopt.lowering.region import TVMRegion
 from hwopt.errors import HwoptError, OptionError
+from hwopt.lowering.region import TVMRegion, time_pair
 from hwopt.options import Options
 
 log = logging.getLogger("hwopt")
@@ -58,20 +58,27 @@ def _compile_static(gm, example_inputs, opts):
                       "running it in PyTorch", stacklevel=2)
         log.debug("hwopt: compile failure", exc_info=True)
         return eager
+    if opts.executor == "auto" and _eager_is_faster(compiled, cap, eager, example_inputs):
+        if key:
+            cache.store(key, {"plan": "torch", "reason": compiled.decision})
+        return eager
     if opts.report:
         from hwopt.report import write_report
 
         write_report(compiled, opts.report)
     if key and isinstance(compiled.module, TVMRegion):
         cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)}, compiled.module)
-    elif key and [r.executor for r in compiled.regions] == ["torch"] and not missing_ops(compiled):
-        # The whole graph measured faster in PyTorch: remember that, and skip capture next time.
-        cache.store(key, {"plan": "torch", "reason": compiled.regions[0].reason})
     return _runner(compiled, cap.input_indices, cap.frozen, eager)
 
 
-def missing_ops(compiled) -> bool:
-    return any(r.reason.startswith("build failed") for r in compiled.regions)
+def _eager_is_faster(compiled, cap, eager, example_inputs) -> bool:
+    """Never slower than eager: time the compiled graph against the original one, interleaved."""
+    user = [example_inputs[i] for i in cap.input_indices]
+    t_hw, t_eager = time_pair(lambda: compiled(*user), lambda: eager(*example_inputs))
+    compiled.decision = (f"hwopt {t_hw * 1e3:.3f} ms vs eager {t_eager * 1e3:.3f} ms: "
+                         f"{'eager' if t_eager < t_hw else 'hwopt'} chosen")
+    log.info("hwopt: %s", compiled.decision)
+    return t_eager < t_hw
 
 
 def _graph_key(gm, example_inputs, opts) -> str:

@@ -51,6 +51,7 @@ class Compiled:
     predicted: object  # Cost of the rewritten graph on the target
     seconds: dict = field(default_factory=dict)  # per phase
     options: Options | None = None
+    decision: str = ""  # the whole-graph executor decision (backend, executor="auto")
 
     def __call__(self, *inputs):
         with torch.no_grad():

@@ -42,6 +42,8 @@ class Report:
             t = (f" tvm {g.tvm_ms:.3f} ms vs torch {g.torch_ms:.3f} ms" if g.tvm_ms else "")
             lines.append(f"  {g.name}: {g.executor}{' (cached)' if g.cached else ''}{t}"
                          f"{' — ' + g.reason if g.reason else ''}")
+        if c.decision:
+            lines.append(f"executor: {c.decision}")
         lines.append("phase seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in c.seconds.items()))
         return "\n".join(lines)
 

@@ -57,8 +57,8 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
     if missing:
         if opts.strict:
             op, nodes = next(iter(missing.items()))
-            raise LoweringError(f"no TVM lowering for this op (remove strict=True to run it in "
-                                f"PyTorch)", node=nodes[0], op=op, target=target.name)
+            raise LoweringError("no TVM lowering for this op (remove strict=True to run it in "
+                                "PyTorch)", node=nodes[0], op=op, target=target.name)
         warn_once(f"hwopt: ops without a TVM lowering run in PyTorch: {', '.join(missing)}")
     if not missing:
         module, info = _build_or_fallback("hwopt_region_0", gm, list(inputs), opts, cache, db)

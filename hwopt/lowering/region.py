@@ -101,22 +101,22 @@ def check_close(got, want, name: str) -> float:
     return worst
 
 
-def time_pair(fa, fb, args, budget_s: float = 0.6) -> tuple[float, float]:
-    """Median seconds of fa(*args) and fb(*args), measured interleaved after warm-up."""
+def time_pair(fa, fb, budget_s: float = 0.6) -> tuple[float, float]:
+    """Median seconds of the calls fa() and fb(), measured interleaved after warm-up."""
     with torch.no_grad():
         for _ in range(2):
-            fa(*args), fb(*args)
+            fa(), fb()
         t0 = time.perf_counter()
-        fa(*args), fb(*args)
+        fa(), fb()
         one = time.perf_counter() - t0
-        reps = int(min(max(budget_s / max(one, 1e-6), 3), 25))
+        reps = int(min(max(budget_s / max(one, 1e-6), 5), 25))
         ta, tb = [], []
         for _ in range(reps):
             t = time.perf_counter()
-            fa(*args)
+            fa()
             ta.append(time.perf_counter() - t)
             t = time.perf_counter()
-            fb(*args)
+            fb()
             tb.append(time.perf_counter() - t)
     ta.sort(), tb.sort()
     return ta[len(ta) // 2], tb[len(tb) // 2]
@@ -131,7 +131,6 @@ def _schedule(mod, target, opts, db: TuningDB):
     bar = None
     if opts.tune == "measure":
         from tqdm.auto import tqdm
-
         from tvm import tirx
 
         kernels = sum(1 for f in mod.functions.values() if isinstance(f, tirx.PrimFunc))
@@ -172,6 +171,7 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
     import tvm
     from tvm import relax
 
+    from hwopt.lowering.canonicalize import canonicalize
     from hwopt.lowering.relax_import import build, prepare, to_relax
 
     target = opts.target
@@ -191,7 +191,8 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
         return TVMRegion(vm, single, str(lib)), info
 
     t0 = time.perf_counter()
-    mod = prepare(to_relax(sub, tuple(inputs)), target.tvm())
+    mod = prepare(to_relax(canonicalize(sub), tuple(inputs)), target.tvm())
+
     mod, choices = _schedule(mod, target, opts, db)
     ex = build(mod, target.tvm())
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -202,7 +203,7 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
     info = RegionInfo(name, "tvm", "", build_s=time.perf_counter() - t0, max_rel_err=err,
                       kernels={k: [c.rule, dict(c.params)] for k, c in choices.items()})
     if opts.executor == "auto":
-        t_tvm, t_torch = time_pair(region, sub, inputs)
+        t_tvm, t_torch = time_pair(lambda: region(*inputs), lambda: sub(*inputs))
         info.tvm_ms, info.torch_ms = t_tvm * 1e3, t_torch * 1e3
         if t_torch < t_tvm:
             info.executor, info.reason = "torch", "PyTorch measured faster on this machine"

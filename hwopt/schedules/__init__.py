@@ -9,8 +9,9 @@ candidate, then the next rule; a func no rule can schedule is returned unchanged
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import tvm
 from tvm import tirx
@@ -23,7 +24,7 @@ from .reduction import Reduction
 
 log = logging.getLogger("hwopt")
 
-__all__ = ["Choice", "Rule", "RULES", "schedule_func", "schedule_module", "measure_func", "measuring_pick"]
+__all__ = ["RULES", "Choice", "Rule", "measure_func", "measuring_pick", "schedule_func", "schedule_module"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Choice:
     params: tuple = ()
 
     @staticmethod
-    def of(rule: str, params: dict) -> "Choice":
+    def of(rule: str, params: dict) -> Choice:
         return Choice(rule, tuple(sorted((str(k), int(v)) for k, v in params.items())))
 
 
@@ -50,7 +51,7 @@ class Rule(Protocol):
 
 RULES: list[Rule] = [Conv2dNHWC(), Dense(), Reduction(), Injective()]
 
-Pick = Callable[[str, tirx.PrimFunc, Rule, list], Optional[dict]]
+Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 
 
 def _matches(rule: Rule, func: tirx.PrimFunc) -> bool:

@@ -4,8 +4,9 @@ Everything here works on a ``tvm.s_tir.Schedule``; nothing builds or runs code.
 """
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+import contextlib
 
+from tvm import s_tir, tirx
 
 
 def acc_regs(lanes: int) -> int:
@@ -48,13 +49,6 @@ def has_reduction(func: tirx.PrimFunc) -> bool:
     return any(is_reduction(sch, b) for b in blocks(sch))
 
 
-def find_block(sch: s_tir.Schedule, pred):
-    for b in blocks(sch):
-        if pred(sch, b):
-            return b
-    return None
-
-
 def inline_producers(sch: s_tir.Schedule, keep: set[str], cheap_only: bool = False) -> None:
     """Inline every spatial, non-output block whose name is not in ``keep`` (best effort)."""
     outputs = {block_name(sch, b) for b in sch.get_output_blocks(sch.get_sblock("root"))}
@@ -64,10 +58,8 @@ def inline_producers(sch: s_tir.Schedule, keep: set[str], cheap_only: bool = Fal
             continue
         if cheap_only and not _is_cheap(sch, b) and len(sch.get_consumers(b)) > 1:
             continue
-        try:
+        with contextlib.suppress(Exception):  # not inlinable: stays a loop nest of its own
             sch.compute_inline(b)
-        except Exception:  # noqa: BLE001 - not inlinable: stays a loop nest of its own
-            pass
 
 
 def _is_cheap(sch: s_tir.Schedule, block) -> bool:
@@ -104,10 +96,6 @@ def parallel_outer(sch: s_tir.Schedule, loops, work: int) -> None:
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if work >= PARALLEL_MIN_WORK and int(sch.get(fused).extent) >= 2:
         sch.parallel(fused)
-
-
-def divisors_in(n: int, options) -> list[int]:
-    return [o for o in options if o <= n and n % o == 0]
 
 
 def round_up(n: int, m: int) -> int:

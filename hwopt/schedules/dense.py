@@ -12,10 +12,21 @@ import re
 
 from tvm import s_tir, tirx
 
-from .common import acc_regs, block_name, blocks, extents, iter_kinds, parallel_outer, reuse, round_up, vectorize_tail
+from .common import (
+    acc_regs,
+    block_name,
+    blocks,
+    extents,
+    iter_kinds,
+    parallel_outer,
+    reuse,
+    round_up,
+    vectorize_tail,
+)
 
 # Register tiles in preference order (rows, columns in vectors).
-_TILES = ((6, 2), (4, 4), (8, 2), (12, 2), (4, 3), (6, 3), (4, 2), (3, 4), (8, 3), (2, 4), (1, 4), (1, 2), (1, 1))
+_TILES = ((4, 3), (6, 2), (3, 4), (4, 4), (8, 2), (12, 2), (6, 3), (4, 2), (8, 3), (2, 4), (1, 4),
+          (1, 2), (1, 1))
 
 
 def _mm_block(sch: s_tir.Schedule):
@@ -70,10 +81,11 @@ class Dense:
                 continue
             waste = round_up(m, mr) * round_up(n, nr) / (m * n) - 1.0
             tasks = batch * -(-m // mr) * -(-n // nr)
-            cands.append(({"mr": mr, "nr": nr, "k_unroll": ku}, waste, tasks))
-        # Little padding first, enough tasks for two threads, then the preference order.
+            cands.append(({"mr": mr, "nr": nr, "k_unroll": ku, "pack": 1}, waste, tasks))
+        # Little padding first (packing pads B for free), enough tasks for two threads, then
+        # the most FMAs per load, then the preference order.
         w0 = min(c[1] for c in cands)
-        cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4, c[1] - w0 > 0.02,
+        cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4,
                                   -round(reuse(c[0]["mr"], c[0]["nr"] // lanes), 1)))
         return [c[0] for c in cands[:12]]
 
@@ -92,22 +104,33 @@ class Dense:
         names = [block_name(sch, b) for b in blocks(sch)]
         pos = names.index(mm_name)
         epi = names[pos + 1:]
+        copies = [x for x in names[:pos] if x not in before]  # pad_einsum's input copies
         # The unpad copy (if any) and all but the last epilogue block fold into their consumer.
         for name in epi[:-1]:
             sch.compute_inline(sch.get_sblock(name))
         cache = sch.cache_write(mm, 0, "global")
-        rest = []
         if epi and not padded:
             sch.reverse_compute_inline(sch.get_sblock(epi[-1]))
-        elif epi:
-            rest.append(epi[-1])
         *bl, i, j, kk = sch.get_loops(mm)
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         ko, ki = sch.split(kk, [None, ku])
-        sch.reorder(*bl, io, jo, ko, ki, ii, ji)
+        # Column panels outermost (each B panel packed once, reused by all row tiles) when
+        # there are enough of them for both cores; else row tiles outermost, B read in place.
+        panels = params.get("pack", 0) and batch * -(-n // nr) >= 4 and m > mr
+        outer = [*bl, jo, io] if panels else [*bl, io, jo]
+        sch.reorder(*outer, ko, ki, ii, ji)
         sch.reverse_compute_at(cache, jo)
-        parallel_outer(sch, [*bl, io, jo], batch * m * n * k)
+        if epi and padded:
+            # The epilogue reads the padded result: compute its part right after the tile.
+            try:
+                sch.reverse_compute_at(sch.get_sblock(epi[-1]), jo)
+                vectorize_tail(sch, sch.get_loops(sch.get_sblock(epi[-1]))[-1], lanes)
+            except Exception:  # noqa: BLE001 - stays a separate loop nest
+                copies.append(epi[-1])
+        if panels:
+            copies = _pack_panel(sch, mm, jo, lanes, copies)
+        parallel_outer(sch, outer[:-1] if panels else outer, batch * m * n * k)
         sch.unroll(ki)
         sch.unroll(ii)
         if nr % lanes == 0 and nr > lanes:
@@ -118,10 +141,32 @@ class Dense:
             sch.vectorize(ji)
         sch.decompose_reduction(mm, ko)
         vectorize_tail(sch, sch.get_loops(cache)[-1], lanes)
-        rest += [x for x in names[:pos] if x not in before]  # pad_einsum's input copies
-        for name in rest:
+        for name in copies:
             _schedule_copy(sch, sch.get_sblock(name), lanes)
         return sch.mod["main"]
+
+
+def _pack_panel(sch: s_tir.Schedule, mm, loop, lanes: int, copies: list[str]) -> list[str]:
+    """Copy the B panel (k x nr) read under ``loop`` into a contiguous buffer, padding inlined.
+
+    Returns ``copies`` without the B padding block it absorbed.
+    """
+    blk = sch.get(mm)
+    j = blk.iter_vars[-2].var
+    idx = next(n for n, r in enumerate(blk.reads)
+               if not r.source.same_as(blk.writes[0].source)
+               and any(_uses(rg.min, j) for rg in r.region))
+    src = blk.reads[idx].source
+    pb = sch.cache_read(mm, idx, "global")
+    for name in copies:
+        if any(w.source.same_as(src) for w in sch.get(sch.get_sblock(name)).writes):
+            sch.compute_inline(sch.get_sblock(name))
+            copies = [c for c in copies if c != name]
+            break
+    sch.compute_at(pb, loop)
+    inner = [lp for lp in sch.get_loops(pb) if lp not in sch.get_loops(mm)]
+    vectorize_tail(sch, inner[-1], lanes)
+    return copies
 
 
 def _schedule_copy(sch: s_tir.Schedule, block, lanes: int) -> None:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import blocks, extents, has_reduction, inline_producers, parallel_outer, vector_safe, vectorize_tail
+from .common import (
+    blocks,
+    extents,
+    has_reduction,
+    inline_producers,
+    parallel_outer,
+    vector_safe,
+    vectorize_tail,
+)
 
 
 class Injective:

@@ -8,6 +8,7 @@ import logging
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import tirx
 
 log = logging.getLogger("hwopt")
@@ -43,7 +44,7 @@ def measuring_pick(target: tvm.target.Target, lanes: int = 16, limit: int = 12, 
     def pick(name: str, func: tirx.PrimFunc, rule, candidates: list[dict]) -> dict | None:
         if len(candidates) < 2:
             return None
-        key = tvm.ir.structural_hash(func)
+        key = tvm_ffi.structural_hash(func)
         if key in cache:
             return cache[key]
         best, best_t = None, float("inf")

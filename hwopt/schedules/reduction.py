@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import blocks, extents, has_reduction, inline_producers, iter_kinds, parallel_outer, vector_safe, vectorize_tail
+from .common import (
+    blocks,
+    extents,
+    has_reduction,
+    inline_producers,
+    iter_kinds,
+    parallel_outer,
+    vector_safe,
+    vectorize_tail,
+)
 from .injective import schedule_spatial
 
 
