@@ -35,7 +35,8 @@ def compile(model: torch.nn.Module, example_inputs, *, example_kwargs: dict | No
         from hwopt.report import write_report
 
         write_report(compiled, opts.report)
-    return Artifact(compiled, cap.in_spec, cap.out_spec, [tuple(a.shape) for a in cap.example_inputs])
+    shapes = [tuple(a.shape) for a in cap.example_inputs]
+    return Artifact(compiled, cap.in_spec, cap.out_spec, shapes)
 
 
 class Artifact:

@@ -1,4 +1,5 @@
-"""On-disk compile cache, keyed by content: graph code, constants, shapes, target, options, versions.
+"""On-disk compile cache, keyed by content: graph code, constants, shapes, target, options and
+versions.
 
 Sits at the end of the *lower* step: a built region is stored as a TVM shared library plus a
 ``meta.json``; compiling the same model again (in a new process too) loads it instead of building.

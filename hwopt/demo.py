@@ -36,8 +36,8 @@ def main(argv=None) -> int:
         with torch.no_grad():
             out, ref = fast(*args), model(*args)
         compile_s = time.perf_counter() - t
-        med = interleaved({"eager": lambda: model(*args), "hwopt": lambda: fast(*args)},
-                          rounds=20)
+        med = interleaved({"eager": lambda m=model, a=args: m(*a),
+                           "hwopt": lambda f=fast, a=args: f(*a)}, rounds=20)
         rows.append({"model": name, "input": "x".join(map(str, args[0].shape)),
                      "compile s": compile_s, "eager ms": med["eager"] * 1e3,
                      "hwopt ms": med["hwopt"] * 1e3, "speedup": med["eager"] / med["hwopt"],

@@ -34,7 +34,8 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, before: fx.Node,
                  hint: str = "folded") -> fx.Node:
     """Register `value` as a buffer and insert a get_attr node for it before `before`."""
     # Deterministic names (first free index) keep the graph's code, and so its cache key, stable.
-    name = next(f"_hwopt_{hint}{i}" for i in itertools.count() if not hasattr(gm, f"_hwopt_{hint}{i}"))
+    name = next(n for n in (f"_hwopt_{hint}{i}" for i in itertools.count())
+                if not hasattr(gm, n))
     gm.register_buffer(name, value.detach().contiguous())
     with gm.graph.inserting_before(before):
         node = gm.graph.get_attr(name)

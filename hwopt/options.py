@@ -83,7 +83,8 @@ class Options:
         if not isinstance(self.strict, bool):
             raise OptionError(f"option 'strict' must be True or False, got {self.strict!r}")
         if not (isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
-            raise OptionError(f"option 'tolerance' must be a positive number, got {self.tolerance!r}")
+            raise OptionError(f"option 'tolerance' must be a positive number, got "
+                              f"{self.tolerance!r}")
 
     def cache_path(self) -> Path | None:
         if self.cache_dir is False:

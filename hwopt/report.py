@@ -31,7 +31,8 @@ class Report:
         c = self.compiled
         lines = [f"hwopt report — target {c.options.target.name}",
                  f"predicted latency {c.predicted.latency_s * 1e3:.3f} ms, "
-                 f"{c.predicted.flops / 1e9:.3f} GFLOP, {c.predicted.bytes_moved / 1e6:.2f} MB moved",
+                 f"{c.predicted.flops / 1e9:.3f} GFLOP, "
+                 f"{c.predicted.bytes_moved / 1e6:.2f} MB moved",
                  "passes:"]
         for r in c.pass_records:
             state = f"skipped ({r.skipped})" if r.skipped else (
@@ -48,9 +49,11 @@ class Report:
         return "\n".join(lines)
 
     def html(self) -> str:
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(v if not isinstance(v, float) else f'{v:.3g}'))}"
-                             "</td>" for v in r.values()) + "</tr>" for r in self.node_costs())
+        def cell(v):
+            return f"<td>{html.escape(f'{v:.3g}' if isinstance(v, float) else str(v))}</td>"
+
+        rows = "".join("<tr>" + "".join(cell(v) for v in r.values()) + "</tr>"
+                       for r in self.node_costs())
         head = "".join(f"<th>{h}</th>" for h in
                        ("node", "op", "class", "pass", "latency µs", "flops", "bytes", "energy µJ"))
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>hwopt report</title>"

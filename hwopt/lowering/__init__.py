@@ -80,8 +80,9 @@ def _build_or_fallback(name, sub, inputs, opts, cache, db):
     try:
         return build_region(name, sub, inputs, opts, cache, db)
     except Exception as e:
+        first_line = str(e).splitlines()[0] if str(e) else ""
         msg = (f"hwopt: region {name} ({_region_ops(sub)}) could not be compiled for target "
-               f"{opts.target.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+               f"{opts.target.name}: {type(e).__name__}: {first_line}")
         if opts.strict:
             if isinstance(e, LoweringError):
                 raise

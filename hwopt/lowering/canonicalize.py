@@ -2,8 +2,9 @@
 just before Relax import (lower step). They do not change results.
 
 - ``hardtanh(x, 0, hi)`` (ReLU6) -> ``minimum(relu(x), hi)``: Relax's ConvertLayout has no layout
-  rule for ``clip`` (what hardtanh and clamp import as), so a clip between two NHWC convs gets wrapped in transposes and stays out of
-  the conv's fused epilogue; relu and minimum with a scalar follow the conv's layout.
+  rule for ``clip`` (what hardtanh and clamp import as), so a clip between two NHWC convs gets
+  wrapped in transposes and stays out of the conv's fused epilogue; relu and minimum with a
+  scalar follow the conv's layout.
 """
 from __future__ import annotations
 

@@ -26,7 +26,8 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...])
         return from_exported_program(ep, keep_params_as_input=False)
 
 
-def prepare(mod: tvm.IRModule, target: tvm.target.Target, conv_layout: str = "NHWC") -> tvm.IRModule:
+def prepare(mod: tvm.IRModule, target: tvm.target.Target,
+            conv_layout: str = "NHWC") -> tvm.IRModule:
     """Relax phases before scheduling: decompose, canonicalise, NHWC conv layout, legalize, fuse."""
     passes = [
         relax.transform.DecomposeOpsForInference(),
