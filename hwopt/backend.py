@@ -58,14 +58,16 @@ def _compile_static(gm, example_inputs, opts):
                       "running it in PyTorch", stacklevel=2)
         log.debug("hwopt: compile failure", exc_info=True)
         return eager
-    if opts.executor == "auto" and _eager_is_faster(compiled, cap, eager, example_inputs):
-        if key:
-            cache.store(key, {"plan": "torch", "reason": compiled.decision})
-        return eager
+    eager_wins = opts.executor == "auto" and _eager_is_faster(compiled, cap, eager,
+                                                              example_inputs)
     if opts.report:
         from hwopt.report import write_report
 
         write_report(compiled, opts.report)
+    if eager_wins:
+        if key:
+            cache.store(key, {"plan": "torch", "reason": compiled.decision})
+        return eager
     if key and isinstance(compiled.module, TVMRegion):
         cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)}, compiled.module)
     return _runner(compiled, cap.input_indices, cap.frozen, eager)

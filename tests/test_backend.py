@@ -131,3 +131,13 @@ def test_backend_cache_hit_skips_capture(cache_dir):
     r = subprocess.run([sys.executable, "-W", "error::UserWarning:hwopt", "-c", code, "hit"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_auto_executor_decision_is_reported(cache_dir, tmp_path):
+    m, (x,) = zoo.cnn(small=True)
+    report = tmp_path / "report.html"
+    fast = _compile(m, cache_dir=str(cache_dir), report=str(report))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), rtol=1e-4, atol=1e-5)
+    text = report.read_text()
+    assert "executor: hwopt" in text and "vs eager" in text and "chosen" in text
