@@ -1,10 +1,11 @@
 """Hand-written s_tir schedule rules for the PrimFuncs of a prepared Relax module.
 
 Input: a module from ``hwopt.lowering.relax_import.prepare`` (fused, legalized, conv2d in
-NHWC/HWIO).  Each PrimFunc is scheduled by the first rule in ``RULES`` that matches it; a rule
-offers a few parameter sets (best first by an analytic estimate) and ``pick`` may choose among
-them, e.g. by measuring (``hwopt.schedules.measure``).  A rule that fails falls back to its next
-candidate, then the next rule; a func no rule can schedule is returned unchanged.
+NHWC/HWIO).  float32 exp/erf/tanh and small integer powers are first rewritten into vectorizable
+code (``fastmath``).  Each PrimFunc is scheduled by the first rule in ``RULES`` that matches
+it; a rule offers a few parameter sets (best first by an analytic estimate) and ``pick`` may
+choose among them, e.g. by measuring (``hwopt.schedules.measure``).  A rule that fails falls back
+to its next candidate, then the next rule; a func no rule can schedule is returned unchanged.
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from tvm import tirx
 
 from .conv2d import Conv2dNHWC
 from .dense import Dense
+from .fastmath import use_fast_math
 from .injective import Injective
 from .measure import measure_func, measuring_pick
 from .reduction import Reduction
 
 log = logging.getLogger("hwopt")
 
-__all__ = ["RULES", "Choice", "Rule", "measure_func", "measuring_pick", "schedule_func", "schedule_module"]
+__all__ = ["RULES", "Choice", "Rule", "measure_func", "measuring_pick", "schedule_func",
+           "schedule_module"]
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,21 @@ def _try(rule: Rule, func: tirx.PrimFunc, params: dict, lanes: int):
     try:
         return rule.apply(func, params, lanes)
     except Exception as err:  # noqa: BLE001 - fall back to the next candidate
-        log.debug("schedule rule %s%s failed: %s", rule.name, params, str(err).splitlines()[0][:200])
+        log.debug("schedule rule %s%s failed: %s", rule.name, params,
+                  str(err).splitlines()[0][:200])
         return None
 
 
 def schedule_func(func: tirx.PrimFunc, lanes: int = 16, params: dict | None = None,
                   rule_name: str | None = None) -> tuple[tirx.PrimFunc, Choice]:
-    """Schedule one PrimFunc with the first rule that applies. Never raises."""
+    """Schedule one PrimFunc with the first rule that applies. Never raises.
+
+    float32 exp/erf/tanh are first replaced by vectorizable polynomials (``fastmath``).
+    """
+    try:
+        func = use_fast_math(func)
+    except Exception as err:  # noqa: BLE001 - keep the libm calls
+        log.debug("fast math rewrite failed: %s", str(err).splitlines()[0][:200])
     for rule in RULES:
         if rule_name is not None and rule.name != rule_name:
             continue
@@ -92,13 +103,20 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 16, params: dict | None = No
 
 def schedule_module(mod: tvm.IRModule, lanes: int = 16,
                     pick: Pick | None = None) -> tuple[tvm.IRModule, dict[str, Choice]]:
-    """Schedule every PrimFunc of ``mod``; ``pick(name, func, rule, candidates)`` may choose params."""
+    """Schedule every PrimFunc of ``mod``.
+
+    ``pick(name, func, rule, candidates)`` may choose the params of each func.
+    """
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     choices: dict[str, Choice] = {}
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tirx.PrimFunc):
             continue
         params, rule_name = None, None
+        try:
+            func = use_fast_math(func)
+        except Exception as err:  # noqa: BLE001 - keep the libm calls
+            log.debug("fast math rewrite of %s failed: %s", gv.name_hint, err)
         if pick is not None:
             rule = next((r for r in RULES if _matches(r, func)), None)
             if rule is not None:

@@ -79,14 +79,21 @@ def reuse(rows: int, vecs: int) -> float:
     return rows * vecs / (rows + vecs)
 
 
-def vectorize_tail(sch: s_tir.Schedule, loop, lanes: int) -> None:
-    """Vectorize ``loop`` by ``lanes`` when its extent allows it (else leave it scalar)."""
+def vectorize_tail(sch: s_tir.Schedule, loop, lanes: int, ragged: bool = True) -> None:
+    """Vectorize ``loop`` by ``lanes`` when its extent allows it (else leave it scalar).
+
+    With ``ragged`` a long loop whose extent ``lanes`` does not divide (e.g. 197 tokens) is
+    split by ``lanes`` with a predicated last vector.
+    """
     n = int(sch.get(loop).extent)
     if n % lanes == 0 and n > lanes:
         _, inner = sch.split(loop, [None, lanes])
         sch.vectorize(inner)
     elif 1 < n <= 4 * lanes and n % 4 == 0:
         sch.vectorize(loop)
+    elif ragged and n >= 2 * lanes:
+        _, inner = sch.split(loop, [None, lanes])
+        sch.vectorize(inner)
 
 
 def parallel_outer(sch: s_tir.Schedule, loops, work: int) -> None:

@@ -3,7 +3,10 @@
 Template: the epilogue (BatchNorm, bias, activation) is inlined into the write-back of a
 ``cache_write`` register tile of ``reg_w`` output columns x ``oc_block`` output channels; loops run
 (n, h, oc-outer, w-outer, kh, kw, ic, w-inner, oc-inner), the fused outer loops in parallel, the
-w-inner loop unrolled and oc-inner vectorized by ``lanes``.  Needs the layout from
+w-inner loop unrolled and oc-inner vectorized by ``lanes``.  With ``pack=1`` (the default unless
+depthwise) the HWIO weights are first copied to (oc/oc_block, kh, kw, ic, oc_block), so a tile
+streams one contiguous weight slab instead of ``oc_block``-wide pieces 4*oc bytes apart (about
+1.5x on 3x3 convs with 128+ channels on AVX2; the copy is ~1% of the conv).  Needs the layout from
 ``hwopt.lowering.relax_import.prepare`` (NHWC data, HWIO weights).
 """
 from __future__ import annotations
@@ -100,7 +103,7 @@ def _pack_weights(sch: s_tir.Schedule, conv, ob: int, lanes: int) -> None:
     f = blk.iter_vars[3].var
     idx = next(n for n, r in enumerate(blk.reads)
                if not r.source.same_as(blk.writes[0].source)
-               and any(f.same_as(v) for v in tirx.analysis.undefined_vars(r.region[-1].min)))
+               and r.region[-1].min.same_as(f))
     wb = sch.cache_read(conv, idx, "global")
     sch.transform_layout(wb, ("write", 0),
                          lambda a, b, c, d: (d // ob, a, b, c, d % ob))

@@ -1,10 +1,14 @@
 """Schedule rule for dense / matmul / batched matmul (incl. attention QK^T and PV) + epilogue.
 
 Template: an ``mr x nr`` register tile (``cache_write``) accumulates over k (split by ``k_unroll``,
-unrolled); rows are unrolled, columns vectorized by ``lanes``; (batch, row-tile, col-tile) run in
-parallel.  Shapes that do not divide the tile are padded with ``pad_einsum`` (zero rows/cols),
-so the vector loop never needs a predicate.  B is read as [.., k, j] (what Relax legalizes
-``matmul`` to); a [.., j, k] operand still computes correctly, only slower.
+unrolled); rows are unrolled, columns vectorized by ``lanes``.  With ``pack=1`` (the default) the
+loops run (batch, col-panel, row-tile): each k x nr panel of B is copied once into a contiguous
+buffer (its zero padding inlined into the copy) and reused by every row tile, and (batch,
+col-panel) run in parallel; without it, or with fewer than 4 panels, (batch, row-tile, col-tile)
+run in parallel and B is read in place.  Shapes that do not divide the tile are padded with
+``pad_einsum`` (zero rows/cols), so the vector loop never needs a predicate; a padded epilogue is
+computed per panel.  B is read as [.., k, j] (what Relax legalizes ``matmul`` to); a [.., j, k]
+operand still computes correctly, only slower.
 """
 from __future__ import annotations
 
@@ -83,10 +87,12 @@ class Dense:
             tasks = batch * -(-m // mr) * -(-n // nr)
             cands.append(({"mr": mr, "nr": nr, "k_unroll": ku, "pack": 1}, waste, tasks))
         # Little padding first (packing pads B for free), enough tasks for two threads, then
-        # the most FMAs per load, then the preference order.
+        # the most FMAs per load, then the preference order.  With 16 registers (AVX2) all
+        # 12-accumulator tiles measured alike by reuse, so there the preference order decides.
         w0 = min(c[1] for c in cands)
+        cap = 1.5 if acc_regs(lanes) <= 12 else float("inf")
         cands.sort(key=lambda c: (c[1] - w0 > 0.06, c[2] < 4,
-                                  -round(reuse(c[0]["mr"], c[0]["nr"] // lanes), 1)))
+                                  -min(round(reuse(c[0]["mr"], c[0]["nr"] // lanes), 1), cap)))
         return [c[0] for c in cands[:12]]
 
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:

@@ -1,9 +1,10 @@
-"""Replace float32 ``exp`` / ``erf`` / ``tanh`` calls in block bodies by vectorizable polynomials.
+"""Replace float32 ``exp`` / ``erf`` / ``tanh`` (and ``pow(x, 2..4)``) calls by vectorizable code.
 
 LLVM lowers these calls to scalar libm calls, one per vector lane, so a GELU or softmax loop that
 is otherwise vectorized runs at libm speed.  The replacements are the float32 approximations TVM's
 ``topi.fast_exp`` / ``fast_erf`` / ``fast_tanh`` use (Cephes / Eigen rational polynomials, a few
-ulp from libm: far inside the 1e-4 tolerance hwopt checks).  Only SBlock bodies that are a plain
+ulp from libm: far inside the 1e-4 tolerance hwopt checks); ``pow`` by a small integer constant
+becomes multiplications.  Only SBlock bodies that are a plain
 ``BufferStore`` are rewritten; any other statement, and any expression node the rewriter does not
 know, is left as it was (still correct, only slower).
 """
@@ -52,7 +53,7 @@ def fast_erf(x):
                        -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
                        -1.60960333262415e-02))
     q = _poly(x2, (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
-                   -7.37332916720468e-03))
+                   -7.37332916720468e-03, -1.42647390514189e-02))
     return p / q
 
 
@@ -72,13 +73,19 @@ _FAST = {"tirx.exp": fast_exp, "tirx.erf": fast_erf, "tirx.tanh": fast_tanh}
 
 
 def _rewrite(e):
-    """``e`` with every float32 exp/erf/tanh call replaced; unknown nodes are kept as they are."""
+    """``e`` with every float32 exp/erf/tanh/small pow replaced; unknown nodes are kept as is."""
     if isinstance(e, ir_expr.Call):
         args = [_rewrite(a) for a in e.args]
-        fast = _FAST.get(getattr(e.op, "name", ""))
+        name = getattr(e.op, "name", "")
+        fast = _FAST.get(name)
         if fast is not None and str(e.ty) == "float32" and len(args) == 1:
             return fast(args[0])
-        if all(a.same_as(b) for a, b in zip(args, e.args)):
+        if name == "tirx.pow" and _small_power(args[1]):
+            out = args[0]
+            for _ in range(int(args[1].value) - 1):
+                out = out * args[0]
+            return out
+        if all(a.same_as(b) for a, b in zip(args, e.args, strict=True)):
             return e
         return ir_expr.Call(e.op, args, attrs=e.attrs, ret_ty=e.ty)
     if isinstance(e, _BINARY):
@@ -93,12 +100,17 @@ def _rewrite(e):
     return e
 
 
+def _small_power(exponent) -> bool:
+    """True for a constant exponent 2, 3 or 4 (pow(x, n) is then n - 1 multiplications)."""
+    return isinstance(exponent, (pe.FloatImm, pe.IntImm)) and float(exponent.value) in (2, 3, 4)
+
+
 def _has_slow_call(text: str) -> bool:
-    return any(f"T.{name}(" in text for name in ("exp", "erf", "tanh"))
+    return any(f"T.{name}(" in text for name in ("exp", "erf", "tanh", "pow"))
 
 
 def use_fast_math(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with its float32 exp/erf/tanh calls replaced by polynomials (see module doc)."""
+    """``func`` with its float32 exp/erf/tanh/pow calls replaced (see module doc)."""
     if not _has_slow_call(func.script()):
         return func
     sch = s_tir.Schedule(func)

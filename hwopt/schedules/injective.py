@@ -1,8 +1,10 @@
 """Schedule rule for funcs without reductions: elementwise, broadcast, transpose, reshape, take.
 
 Inlines every intermediate block into its consumer, then for each output: vectorize the innermost
-axis by ``lanes`` (or the fused index when the innermost axis is short) and run the outer loops in
-parallel when the tensor is large enough to pay for a thread launch.
+axis by ``lanes`` (a long ragged axis with a predicated last vector; the fused index when the axis
+is short, or when a reshape's // and % would turn row vectors into gathers) and run the outer
+loops in parallel when the tensor is large enough to pay for a thread launch.  A layout change
+with a short innermost output axis (NCHW -> NHWC of 3 channels) vectorizes the next axis instead.
 """
 from __future__ import annotations
 
@@ -47,12 +49,39 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int, parallel: bool = Tr
     total = 1
     for s in sizes:
         total *= s
-    if sizes[-1] % lanes and len(loops) > 1:
-        # Short or ragged inner axis: vectorize the fused index instead.
+    if _transposed_short_inner(sch, block, lanes):
+        *rest, w, c = loops
+        wo, wi = sch.split(w, [None, lanes])
+        sch.reorder(wo, c, wi)
+        sch.unroll(c)
+        sch.vectorize(wi)
+        parallel_outer(sch, rest, total if parallel else 0)
+        return
+    # A ragged inner axis keeps its rows (predicated last vector) when reads index it plainly;
+    # a reshape (// and % in its indices) would gather, so there the fused index is vectorized.
+    reads = str(sch.get(block).reads)
+    plain = "//" not in reads and "%" not in reads and sizes[-1] >= 2 * lanes
+    if sizes[-1] % lanes and not plain and len(loops) > 1:
         loops = [sch.fuse(*loops)]
     if vector_safe(sch, block):
-        vectorize_tail(sch, loops[-1], lanes)
+        vectorize_tail(sch, loops[-1], lanes, ragged=plain)
     outer = sch.get_loops(block)
     if int(sch.get(outer[-1]).kind) == int(tirx.ForKind.VECTORIZED):
         outer = outer[:-1]
     parallel_outer(sch, outer, total if parallel else 0)
+
+
+def _transposed_short_inner(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """True for a layout change whose short innermost output axis (e.g. 3 channels of an
+    NCHW -> NHWC input) is not the inputs' contiguous axis, but the next axis is: vectorizing
+    that axis then reads whole vectors (writes are strided) instead of gathering."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2 or not vector_safe(sch, block):
+        return False
+    *_, w, c = extents(sch, loops)
+    if c > 4 or w % lanes or w < 2 * lanes:
+        return False
+    blk = sch.get(block)
+    var_w = blk.iter_vars[-2].var
+    reads = [r for r in blk.reads if len(r.region) > 1]
+    return bool(reads) and all(r.region[-1].min.same_as(var_w) for r in reads)

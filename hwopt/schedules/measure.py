@@ -52,7 +52,8 @@ def measuring_pick(target: tvm.target.Target, lanes: int = 16, limit: int = 12, 
             try:
                 t = measure_func(rule.apply(func, params, lanes), target, repeat)
             except Exception as err:  # noqa: BLE001 - a failing candidate is skipped
-                log.debug("candidate %s %s failed: %s", name, params, str(err).splitlines()[0][:200])
+                log.debug("candidate %s %s failed: %s", name, params,
+                          str(err).splitlines()[0][:200])
                 continue
             if t < best_t:
                 best, best_t = params, t

@@ -12,11 +12,13 @@ from tvm import te, tirx
 from hwopt.schedules import RULES, Choice, schedule_func, schedule_module
 
 LANES = 8
-TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                            "num-cores": 2})
 
 
 def _run(func: tirx.PrimFunc, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=TARGET)
     args = [tvm.runtime.tensor(a) for a in arrays]
     lib["main"](*args)
     return [a.numpy() for a in args]
@@ -30,7 +32,8 @@ def _dense_bias_relu(b, m, n, k):
     bias = te.placeholder((n,), name="bias")
     r = te.reduce_axis((0, k), "k")
     if b:
-        C = te.compute((b, m, n), lambda x, i, j: te.sum(A[x, i, r] * B[x, r, j], axis=r), name="matmul")
+        C = te.compute((b, m, n), lambda x, i, j: te.sum(A[x, i, r] * B[x, r, j], axis=r),
+                       name="matmul")
         D = te.compute((b, m, n), lambda x, i, j: te.max(C[x, i, j] + bias[j], 0.0), name="T_relu")
     else:
         C = te.compute((m, n), lambda i, j: te.sum(A[i, r] * B[r, j], axis=r), name="matmul")
@@ -44,15 +47,17 @@ def _conv_nhwc(h, w, ci, co, kh, stride, groups=1):
     W = te.placeholder((kh, kh, ci // groups, co), name="W")
     scale = te.placeholder((co,), name="scale")
     P = te.compute((1, h + 2 * pad, w + 2 * pad, ci), lambda n, y, x, c: tvm.tirx.if_then_else(
-        tvm.tirx.all(y >= pad, y < h + pad, x >= pad, x < w + pad), X[n, y - pad, x - pad, c], 0.0), name="pad_temp")
+        tvm.tirx.all(y >= pad, y < h + pad, x >= pad, x < w + pad), X[n, y - pad, x - pad, c],
+        0.0), name="pad_temp")
     ho, wo = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kh) // stride + 1
     ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kh), "rx")
     rc = te.reduce_axis((0, ci // groups), "rc")
     per = co // groups
     C = te.compute((1, ho, wo, co), lambda n, y, x, f: te.sum(
-        P[n, y * stride + ry, x * stride + rx, f // per * (ci // groups) + rc] * W[ry, rx, rc, f], axis=[ry, rx, rc]),
-        name="conv2d_nhwc")
-    D = te.compute((1, ho, wo, co), lambda n, y, x, f: te.max(C[n, y, x, f] * scale[f], 0.0), name="T_relu")
+        P[n, y * stride + ry, x * stride + rx, f // per * (ci // groups) + rc] * W[ry, rx, rc, f],
+        axis=[ry, rx, rc]), name="conv2d_nhwc")
+    D = te.compute((1, ho, wo, co), lambda n, y, x, f: te.max(C[n, y, x, f] * scale[f], 0.0),
+                   name="T_relu")
     return te.create_prim_func([X, W, scale, D])
 
 
@@ -79,10 +84,14 @@ def _rand(*shape):
     return np.random.default_rng(0).standard_normal(shape).astype("float32")
 
 
-@pytest.mark.parametrize("b,m,n,k", [(0, 12, 32, 16), (0, 13, 40, 24), (2, 9, 17, 8), (0, 1, 10, 32)])
+@pytest.mark.parametrize("b,m,n,k", [(0, 12, 32, 16), (0, 13, 40, 24), (2, 9, 17, 8),
+                                     (0, 1, 10, 32)])
 def test_dense(b, m, n, k):
     func = _dense_bias_relu(b, m, n, k)
-    a, w, bias = (_rand(b, m, k), _rand(b, k, n), _rand(n)) if b else (_rand(m, k), _rand(k, n), _rand(n))
+    if b:
+        a, w, bias = _rand(b, m, k), _rand(b, k, n), _rand(n)
+    else:
+        a, w, bias = _rand(m, k), _rand(k, n), _rand(n)
     for params in [None] + RULES[1].candidates(func, LANES)[:3]:
         sched, choice = schedule_func(func, LANES, params)
         assert choice.rule == "dense"
@@ -136,9 +145,11 @@ def test_odd_func_never_raises():
     sched, choice = schedule_func(func, 4, {"bogus": 3})
     assert isinstance(sched, tirx.PrimFunc)
     out = _run(sched, [np.arange(35, dtype="int32").reshape(5, 7), np.zeros(7, "int32")])[-1]
-    np.testing.assert_array_equal(out, np.arange(35).reshape(5, 7)[np.arange(7) % 5, np.arange(7)] * 3)
+    want = np.arange(35).reshape(5, 7)[np.arange(7) % 5, np.arange(7)] * 3
+    np.testing.assert_array_equal(out, want)
     # Params meant for another rule must not raise either.
-    _, choice = schedule_func(_softmax(3, 5), 16, {"mr": 7, "nr": 3, "k_unroll": 1, "oc_block": 3, "reg_w": 9})
+    bogus = {"mr": 7, "nr": 3, "k_unroll": 1, "oc_block": 3, "reg_w": 9}
+    _, choice = schedule_func(_softmax(3, 5), 16, bogus)
     assert choice.rule == "reduction"
 
 

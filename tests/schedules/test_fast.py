@@ -1,0 +1,160 @@
+"""Tests for the AVX2-oriented schedule features: fast math, vector row reductions, packing."""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from hwopt.schedules import RULES, schedule_func
+from hwopt.schedules.fastmath import use_fast_math
+
+LANES = 8
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                            "num-cores": 2})
+
+
+def _run(func, arrays):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=TARGET)
+    args = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*args)
+    return [a.numpy() for a in args]
+
+
+def _rand(*shape):
+    return np.random.default_rng(0).standard_normal(shape).astype("float32")
+
+
+_ERF = np.vectorize(math.erf)
+
+
+@pytest.mark.parametrize("name,op,ref", [
+    ("exp", te.exp, np.exp),
+    ("erf", te.erf, _ERF),
+    ("tanh", te.tanh, np.tanh),
+    ("pow", lambda x: te.power(x, 3.0), lambda x: x ** 3),
+])
+def test_fast_math_accuracy(name, op, ref):
+    x = np.concatenate([np.linspace(-80, 80, 4001), np.linspace(-5, 5, 4001),
+                        [0.0, 1e-6, -3e-4]]).astype("float32")
+    A = te.placeholder(x.shape, name="A")
+    B = te.compute(x.shape, lambda i: op(A[i]) * 2.0, name="B")
+    func = use_fast_math(te.create_prim_func([A, B]))
+    assert f"T.{name}(" not in func.script()
+    got = _run(func, [x, np.zeros_like(x)])[-1]
+    want = 2 * ref(x.astype("float64"))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
+def test_fast_math_leaves_other_funcs_alone():
+    A = te.placeholder((16,), name="A")
+    B = te.compute((16,), lambda i: te.sqrt(A[i]), name="B")
+    func = te.create_prim_func([A, B])
+    assert use_fast_math(func).same_as(func)
+
+
+def _layer_norm(rows, cols):
+    A = te.placeholder((rows, cols), name="A")
+    k = te.reduce_axis((0, cols), "k")
+    s = te.compute((rows,), lambda i: te.sum(A[i, k], axis=k), name="A_sum")
+    k2 = te.reduce_axis((0, cols), "k2")
+    v = te.compute((rows,), lambda i: te.sum((A[i, k2] - s[i] / cols) * (A[i, k2] - s[i] / cols),
+                                             axis=k2), name="A_var")
+    out = te.compute((rows, cols), lambda i, j: (A[i, j] - s[i] / cols)
+                     * te.rsqrt(v[i] / cols + 1e-5), name="norm")
+    return te.create_prim_func([A, out])
+
+
+def test_row_reduction_is_vectorized():
+    func = _layer_norm(12, 64)
+    sched, choice = schedule_func(func, LANES)
+    assert choice.rule == "reduction" and dict(choice.params) == {"fuse_rows": 1}
+    text = sched.script()
+    assert "_rf" in text and "T.vectorized" in text
+    a = _rand(12, 64)
+    out = _run(sched, [a, np.zeros_like(a)])[-1]
+    ref = (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_ragged_elementwise_rows_vectorized():
+    X = te.placeholder((3, 37), name="X")
+    Y = te.compute((3, 37), lambda i, j: X[i, j] * 2.0 + 1.0, name="Y")
+    sched, choice = schedule_func(te.create_prim_func([X, Y]), LANES)
+    assert choice.rule == "injective" and "T.vectorized" in sched.script()
+    x = _rand(3, 37)
+    np.testing.assert_allclose(_run(sched, [x, np.zeros_like(x)])[-1], x * 2 + 1, rtol=1e-6)
+
+
+def _matmul(m, n, k):
+    A = te.placeholder((m, k), name="A")
+    B = te.placeholder((k, n), name="B")
+    r = te.reduce_axis((0, k), "k")
+    C = te.compute((m, n), lambda i, j: te.sum(A[i, r] * B[r, j], axis=r), name="matmul")
+    return te.create_prim_func([A, B, C])
+
+
+@pytest.mark.parametrize("m,n,k", [(64, 64, 32), (30, 100, 16)])
+def test_dense_packs_b_panels(m, n, k):
+    func = _matmul(m, n, k)
+    cand = RULES[1].candidates(func, LANES)[0]
+    assert cand["pack"] == 1
+    sched, _ = schedule_func(func, LANES, cand)
+    assert re.search(r"B(_pad)?_global", sched.script())  # the packed panel buffer
+    a, b = _rand(m, k), _rand(k, n)
+    out = _run(sched, [a, b, np.zeros((m, n), "float32")])[-1]
+    np.testing.assert_allclose(out, a @ b, rtol=1e-4, atol=1e-4)
+
+
+def _conv(ci, co, groups):
+    X = te.placeholder((1, 10, 10, ci), name="X")
+    W = te.placeholder((3, 3, ci // groups, co), name="W")
+    ry, rx = te.reduce_axis((0, 3), "ry"), te.reduce_axis((0, 3), "rx")
+    rc = te.reduce_axis((0, ci // groups), "rc")
+    per = co // groups
+    C = te.compute((1, 8, 8, co), lambda n, y, x, f: te.sum(
+        X[n, y + ry, x + rx, f // per * (ci // groups) + rc] * W[ry, rx, rc, f],
+        axis=[ry, rx, rc]), name="conv2d_nhwc")
+    return te.create_prim_func([X, W, C])
+
+
+@pytest.mark.parametrize("ci,co,groups,pack", [(16, 32, 1, 1), (16, 16, 16, 0)])
+def test_conv_packs_weights_unless_depthwise(ci, co, groups, pack):
+    import torch
+
+    func = _conv(ci, co, groups)
+    cand = RULES[0].candidates(func, LANES)[0]
+    assert cand["pack"] == pack
+    sched, _ = schedule_func(func, LANES, cand)
+    x, w = _rand(1, 10, 10, ci), _rand(3, 3, ci // groups, co)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2),
+                                     torch.from_numpy(w).permute(3, 2, 0, 1), groups=groups)
+    out = _run(sched, [x, w, np.zeros((1, 8, 8, co), "float32")])[-1]
+    np.testing.assert_allclose(out, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_global_pool_reduces_with_channel_vectors():
+    X = te.placeholder((1, 7, 7, 32), name="X")
+    ry, rx = te.reduce_axis((0, 7), "ry"), te.reduce_axis((0, 7), "rx")
+    S = te.compute((1, 1, 1, 32), lambda n, a, b, c: te.sum(X[n, ry, rx, c], axis=[ry, rx]),
+                   name="X_red")
+    M = te.compute((1, 1, 1, 32), lambda n, a, b, c: S[n, a, b, c] / 49.0, name="T_divide")
+    sched, choice = schedule_func(te.create_prim_func([X, M]), LANES)
+    assert choice.rule == "reduction" and "T.vectorized" in sched.script()
+    x = _rand(1, 7, 7, 32)
+    out = _run(sched, [x, np.zeros((1, 1, 1, 32), "float32")])[-1]
+    np.testing.assert_allclose(out, x.mean((1, 2), keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def test_nchw_to_nhwc_input_vectorizes_width():
+    X = te.placeholder((1, 3, 8, 32), name="X")
+    Y = te.compute((1, 8, 32, 3), lambda n, h, w, c: X[n, c, h, w], name="T_transpose")
+    sched, choice = schedule_func(te.create_prim_func([X, Y]), LANES)
+    assert choice.rule == "injective" and "T.vectorized" in sched.script()
+    x = _rand(1, 3, 8, 32)
+    out = _run(sched, [x, np.zeros((1, 8, 32, 3), "float32")])[-1]
+    np.testing.assert_array_equal(out, x.transpose(0, 2, 3, 1))
