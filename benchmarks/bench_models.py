@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/bench_models.py [--models cnn,bert] [--small] [--tune measure]
 
-Prints per model: median latencies (interleaved), ratios, max relative error against eager,
-first-compile times (cold cache), a cache-hit compile time and RSS growth. Exits non-zero only on
-a crash, never on a slow figure.
+Prints per model: median latencies measured round-robin in blocks of 5 calls (A×5 B×5 C×5 ...,
+the first call of each block not counted), their ratios, the ratios under strict per-call
+alternation ("alt:", where switching between PyTorch's and TVM's thread pools costs extra), the
+max relative error against eager, first-compile times (cold cache), a cache-hit compile time and
+RSS growth. Exits non-zero only on a crash, never on a slow figure.
 """
 from __future__ import annotations
 
@@ -48,11 +50,15 @@ def run(name: str, small: bool, tune: str, cache_dir: str) -> dict:
         row["hwopt cached compile s"] = time.perf_counter() - t
         row["hwopt rel err"] = rel_error(out, ref)
         row["inductor rel err"] = rel_error(inductor(*args), ref)
-        med = interleaved({"eager": lambda: model(*args), "inductor": lambda: inductor(*args),
-                           "hwopt": lambda: again(*args)})
+        fns = {"eager": lambda: model(*args), "inductor": lambda: inductor(*args),
+               "hwopt": lambda: again(*args)}
+        med = interleaved(fns)
+        alt = interleaved(fns, rounds=20, block=1)
     row.update({f"{k} ms": v * 1e3 for k, v in med.items()})
     row["hwopt/eager"] = med["hwopt"] / med["eager"]
     row["hwopt/inductor"] = med["hwopt"] / med["inductor"]
+    row["alt: hwopt/eager"] = alt["hwopt"] / alt["eager"]
+    row["alt: hwopt/inductor"] = alt["hwopt"] / alt["inductor"]
     return row
 
 
@@ -69,8 +75,8 @@ def main() -> int:
             print(f"... {name}", file=sys.stderr, flush=True)
             rows.append(run(name, a.small, a.tune, cache_dir))
     cols = ["model", "input", "eager ms", "inductor ms", "hwopt ms", "hwopt/eager",
-            "hwopt/inductor", "hwopt rel err", "inductor compile s", "hwopt compile s",
-            "hwopt cached compile s", "hwopt rss +MB"]
+            "hwopt/inductor", "alt: hwopt/eager", "alt: hwopt/inductor", "hwopt rel err",
+            "inductor compile s", "hwopt compile s", "hwopt cached compile s", "hwopt rss +MB"]
     print(table(rows, cols))
     return 0
 

@@ -34,9 +34,14 @@ def rel_error(got, want) -> float:
     return float((g - w).abs().max() / w.abs().max().clamp_min(1e-12))
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 30, warmup: int = 3,
-                budget_s: float = 20.0) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin."""
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 12, warmup: int = 3,
+                budget_s: float = 30.0, block: int = 5) -> dict[str, float]:
+    """Median seconds per call of each function, measured round-robin in blocks (A×5 B×5 ...).
+
+    Each block's first call is not counted: it pays for switching runtimes (PyTorch's OpenMP
+    workers spin after a PyTorch call and slow a TVM call that follows, and the reverse), which a
+    model running on its own does not pay. ``block=1`` gives strict per-call alternation.
+    """
     with torch.no_grad():
         for _ in range(warmup):
             for f in fns.values():
@@ -45,9 +50,12 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 30, warmup: 
         t_start = time.perf_counter()
         for _ in range(rounds):
             for k, f in fns.items():
-                t = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t)
+                if block > 1:
+                    f()
+                for _ in range(max(block - 1, 1)):
+                    t = time.perf_counter()
+                    f()
+                    times[k].append(time.perf_counter() - t)
             if time.perf_counter() - t_start > budget_s and len(times[k]) >= 5:
                 break
     return {k: statistics.median(v) for k, v in times.items()}

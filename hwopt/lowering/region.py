@@ -101,23 +101,29 @@ def check_close(got, want, name: str) -> float:
     return worst
 
 
-def time_pair(fa, fb, budget_s: float = 0.6) -> tuple[float, float]:
-    """Median seconds of the calls fa() and fb(), measured interleaved after warm-up."""
+def time_pair(fa, fb, budget_s: float = 0.6, block: int = 4) -> tuple[float, float]:
+    """Median seconds of the calls fa() and fb(), measured in alternating blocks after warm-up.
+
+    Blocks, not single alternating calls: PyTorch's OpenMP workers keep spinning for a while after
+    a PyTorch call and slow the first TVM call after it (and TVM's pool does the same to PyTorch),
+    which is not what either costs when a model runs on its own. The first call of each block
+    absorbs that switch and is not counted.
+    """
     with torch.no_grad():
         for _ in range(2):
             fa(), fb()
         t0 = time.perf_counter()
         fa(), fb()
         one = time.perf_counter() - t0
-        reps = int(min(max(budget_s / max(one, 1e-6), 5), 25))
+        rounds = int(min(max(budget_s / max(one * block, 1e-6), 3), 10))
         ta, tb = [], []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fa()
-            ta.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            fb()
-            tb.append(time.perf_counter() - t)
+        for _ in range(rounds):
+            for f, out in ((fa, ta), (fb, tb)):
+                f()
+                for _ in range(block - 1):
+                    t = time.perf_counter()
+                    f()
+                    out.append(time.perf_counter() - t)
     ta.sort(), tb.sort()
     return ta[len(ta) // 2], tb[len(tb) // 2]
 
