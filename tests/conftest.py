@@ -1,5 +1,4 @@
 import os
-
 import tempfile
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
