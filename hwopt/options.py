@@ -97,7 +97,25 @@ class Options:
 
         return {"target": self.target.name, "tvm_target": self.target.tvm_target(),
                 "passes": [(p.name, config_dict(p)) for p in (self.passes or [])],
-                "tune": self.tune, "executor": self.executor}
+                "tune": self.tune, "executor": self.executor, "tolerance": self.tolerance,
+                "calibration": _calibration_digest(self.calibration)}
+
+
+def _calibration_digest(batches) -> str | None:
+    """Lossy passes depend on the calibration data: its values are part of the cache key."""
+    if not batches:
+        return None
+    import hashlib
+
+    import torch
+
+    from .cache import tensor_digest
+
+    h = hashlib.sha256()
+    for batch in batches:
+        for x in batch:
+            h.update((tensor_digest(x) if isinstance(x, torch.Tensor) else repr(x)).encode())
+    return h.hexdigest()
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:

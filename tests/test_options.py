@@ -34,3 +34,13 @@ def test_missing_calibration_is_a_clear_error():
     ctx = hwopt.PassContext(target=None)
     with pytest.raises(hwopt.OptionError, match="calibration"):
         ctx.require_calibration("quantize")
+
+
+def test_calibration_data_is_part_of_the_fingerprint():
+    import torch
+
+    a = Options.from_dict({"calibration": [torch.zeros(2)]}).fingerprint()
+    b = Options.from_dict({"calibration": [torch.ones(2)]}).fingerprint()
+    c = Options.from_dict({"calibration": [(torch.zeros(2),)]}).fingerprint()
+    assert a["calibration"] != b["calibration"] and a["calibration"] == c["calibration"]
+    assert Options.from_dict(None).fingerprint()["calibration"] is None
