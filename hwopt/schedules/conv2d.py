@@ -11,6 +11,8 @@ streams one contiguous weight slab instead of ``oc_block``-wide pieces 4*oc byte
 """
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
 from .common import (
@@ -109,9 +111,7 @@ def _pack_weights(sch: s_tir.Schedule, conv, ob: int, lanes: int) -> None:
                          lambda a, b, c, d: (d // ob, a, b, c, d % ob))
     loops = sch.get_loops(wb)
     sizes = extents(sch, loops)
-    total = 1
-    for s in sizes:
-        total *= s
+    total = math.prod(sizes)
     vectorize_tail(sch, loops[-1], lanes)
     parallel_outer(sch, sch.get_loops(wb)[:1], total)
 
@@ -120,8 +120,6 @@ def _schedule_pad(sch: s_tir.Schedule, block, lanes: int) -> None:
     """Padding / layout producer of the conv input: parallel rows, vector channels."""
     loops = sch.get_loops(block)
     sizes = extents(sch, loops)
-    total = 1
-    for s in sizes:
-        total *= s
+    total = math.prod(sizes)
     vectorize_tail(sch, loops[-1], lanes)
     parallel_outer(sch, loops[:2], total)

@@ -12,6 +12,7 @@ operand still computes correctly, only slower.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from tvm import s_tir, tirx
@@ -57,9 +58,7 @@ def _uses(expr, var) -> bool:
 def _shape(sch: s_tir.Schedule, block) -> tuple[int, int, int, int]:
     """(batch, M, N, K) of the matmul block."""
     sizes = extents(sch, sch.get_loops(block))
-    batch = 1
-    for s in sizes[:-3]:
-        batch *= s
+    batch = math.prod(sizes[:-3])
     return batch, sizes[-3], sizes[-2], sizes[-1]
 
 
@@ -177,8 +176,6 @@ def _pack_panel(sch: s_tir.Schedule, mm, loop, lanes: int, copies: list[str]) ->
 
 def _schedule_copy(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
-    total = 1
-    for s in extents(sch, loops):
-        total *= s
+    total = math.prod(extents(sch, loops))
     vectorize_tail(sch, loops[-1], lanes)
     parallel_outer(sch, sch.get_loops(block)[:-1] if len(loops) > 1 else [], total)

@@ -8,6 +8,8 @@ with a short innermost output axis (NCHW -> NHWC of 3 channels) vectorizes the n
 """
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
 from .common import (
@@ -46,9 +48,7 @@ def schedule_spatial(sch: s_tir.Schedule, block, lanes: int, parallel: bool = Tr
     if not loops:
         return
     sizes = extents(sch, loops)
-    total = 1
-    for s in sizes:
-        total *= s
+    total = math.prod(sizes)
     if _transposed_short_inner(sch, block, lanes):
         *rest, w, c = loops
         wo, wi = sch.split(w, [None, lanes])

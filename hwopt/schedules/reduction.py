@@ -10,6 +10,8 @@ its sum / max runs as vector ops.  A reduction over outer axes that keeps the in
 """
 from __future__ import annotations
 
+import math
+
 from tvm import s_tir, tirx
 
 from .common import (
@@ -79,9 +81,7 @@ def _fuse_rows(sch: s_tir.Schedule, lanes: int) -> None:
     loops = sch.get_loops(last)
     work = 1
     for b in bs:
-        size = 1
-        for s in extents(sch, sch.get_loops(b)):
-            size *= s
+        size = math.prod(extents(sch, sch.get_loops(b)))
         work += size
     rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
     for b in reversed(bs[:-1]):
@@ -168,7 +168,5 @@ def _schedule_alone(sch: s_tir.Schedule, block, lanes: int) -> None:
         return
     loops = sch.get_loops(block)
     n = len(kinds) - len(kinds.lstrip("S"))
-    work = 1
-    for s in extents(sch, loops):
-        work *= s
+    work = math.prod(extents(sch, loops))
     parallel_outer(sch, loops[:n], work)
