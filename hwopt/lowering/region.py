@@ -44,6 +44,9 @@ class TVMRegion(torch.nn.Module):
         self.fn = vm["main"]
         self.single_output = single_output
         self.library_path = library_path
+        import tvm  # resolved once here, not on every call
+
+        self._to_tvm = tvm.runtime.from_dlpack
 
     def export(self, path) -> None:
         """Write this region's shared library to `path`."""
@@ -55,9 +58,7 @@ class TVMRegion(torch.nn.Module):
             self.executable.export_library(str(path))
 
     def forward(self, *args):
-        import tvm
-
-        ins = [tvm.runtime.from_dlpack(a.detach().contiguous()) for a in args]
+        ins = [self._to_tvm(a.detach().contiguous()) for a in args]
         outs = _flatten_tvm(self.fn(*ins))
         outs = [torch.from_dlpack(o) for o in outs]
         return outs[0] if self.single_output else tuple(outs)
