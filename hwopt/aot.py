@@ -75,11 +75,11 @@ class Artifact:
                      "kernels": info.kernels}
             region = _region_of(self.compiled.module, info.name)
             if region is not None:
-                region.export(out / f"{info.name}.so")
-                entry["library"] = f"{info.name}.so"
+                entry["files"] = region.export(out, info.name)
             regions.append(entry)
         (out / "host_plan.py").write_text(self.compiled.graph.code)
         manifest = {"target": self.target.name, "tvm_target": self.target.tvm_target(),
+                    "spec": self.target.spec.describe(),
                     "inputs": [list(s) for s in self.input_shapes], "regions": regions,
                     "passes": [r.name for r in self.compiled.pass_records if not r.skipped],
                     "versions": versions()}

@@ -33,6 +33,10 @@ def hwopt_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
                           f"{', '.join(kwargs)} (torch.compile(model, backend='hwopt', "
                           f"options={{'target': 'cpu'}}))")
     opts = Options.from_dict(options)
+    if not opts.target.runs_here():
+        raise OptionError(f"target {opts.target.name!r} does not run on this machine, so "
+                          "torch.compile cannot use it; cross-compile with hwopt.compile(model, "
+                          f"inputs, target={opts.target.name!r}).save(folder)")
     _warn_if_training(example_inputs)
     if has_symbolic(example_inputs):
         return ShapeSpecialized(gm, opts)
@@ -43,7 +47,7 @@ def _compile_static(gm, example_inputs, opts):
     eager = gm.forward
     cache = CompileCache(opts.cache_path())
     key = _graph_key(gm, example_inputs, opts) if cache.root and not opts.report else None
-    planned = _load_plan(cache, key, example_inputs, eager) if key else None
+    planned = _load_plan(cache, key, example_inputs, eager, opts) if key else None
     if planned is not None:
         return planned
     try:
@@ -69,7 +73,8 @@ def _compile_static(gm, example_inputs, opts):
             cache.store(key, {"plan": "torch", "reason": compiled.decision})
         return eager
     if key and isinstance(compiled.module, TVMRegion):
-        cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)}, compiled.module)
+        cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)},
+                    lambda d: compiled.module.export(d, "lib"))
     return _runner(compiled, cap.input_indices, cap.frozen, eager)
 
 
@@ -99,24 +104,23 @@ def _graph_key(gm, example_inputs, opts) -> str:
     return h.hexdigest()
 
 
-def _load_plan(cache, key, example_inputs, eager):
+def _load_plan(cache, key, example_inputs, eager, opts):
     """The runner stored for this exact graph, when the whole graph was one TVM region."""
     hit = cache.load(key)
     if hit is not None and hit[0].get("plan") == "torch":
         log.info("hwopt: cached decision: this graph runs in PyTorch (%s)", hit[0].get("reason"))
         return eager
-    if hit is None or hit[0].get("plan") != "tvm" or hit[1] is None:
+    if hit is None or hit[0].get("plan") != "tvm" or not hit[0].get("file_order"):
         return None
-    import tvm
-    from tvm import relax
-
-    meta, lib = hit
+    meta, folder = hit
+    low = opts.target.lowering
     try:
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+        vm = low.load(folder, meta["file_order"])
     except Exception as e:  # a library that does not load is rebuilt, never trusted
-        log.warning("hwopt: cached library %s did not load (%s); rebuilding", lib, e)
+        log.warning("hwopt: cached library in %s did not load (%s); rebuilding", folder, e)
         return None
-    region = TVMRegion(vm, single_output=False, library_path=str(lib))
+    region = TVMRegion(vm, False, low, files=(folder, meta["file_order"]),
+                       target_name=opts.target.name)
     indices = meta["indices"]
     frozen = [(x, x._version) for i, x in enumerate(example_inputs)
               if isinstance(x, torch.Tensor) and is_weight(x)]

@@ -71,7 +71,10 @@ class CompileCache:
         return self.root / key[:2] / key
 
     def load(self, key: str) -> tuple[dict, Path | None] | None:
-        """(meta, library path or None) for a valid entry, else None (corrupt ones are dropped)."""
+        """(meta, entry folder) for a valid entry, else None (corrupt ones are dropped).
+
+        The folder holds the files listed in ``meta["files"]`` (checked against their sha256).
+        """
         if self.root is None:
             return None
         d = self._dir(key)
@@ -80,20 +83,23 @@ class CompileCache:
             return None
         try:
             meta = json.loads(meta_path.read_text())
-            lib = d / meta["library"] if meta.get("library") else None
-            if lib is not None and _sha(lib) != meta["library_sha256"]:
-                raise ValueError("library checksum mismatch")
             if meta.get("key") != key:
                 raise ValueError("key mismatch")
-            return meta, lib
+            for name, digest in meta.get("files", {}).items():
+                if _sha(d / name) != digest:
+                    raise ValueError(f"checksum mismatch for {name}")
+            return meta, d
         except Exception as e:
             warnings.warn(f"hwopt: ignoring corrupt compile-cache entry {d} ({e}); rebuilding",
                           stacklevel=2)
             shutil.rmtree(d, ignore_errors=True)
             return None
 
-    def store(self, key: str, meta: dict, executable=None) -> Path | None:
-        """Write an entry atomically; returns the library path (or None). Never raises."""
+    def store(self, key: str, meta: dict, export=None) -> Path | None:
+        """Write an entry atomically; returns its folder (or None). Never raises.
+
+        `export(folder) -> [file names]` writes the compiled code into the entry's folder.
+        """
         if self.root is None:
             return None
         d = self._dir(key)
@@ -101,18 +107,14 @@ class CompileCache:
             d.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d.parent))
             meta = dict(meta, key=key)
-            if executable is not None:  # a TVM executable, or anything with .export(path)
-                if hasattr(executable, "export_library"):
-                    executable.export_library(str(tmp / "lib.so"))
-                else:
-                    executable.export(tmp / "lib.so")
-                meta["library"] = "lib.so"
-                meta["library_sha256"] = _sha(tmp / "lib.so")
+            names = list(export(tmp)) if export is not None else []
+            meta["files"] = {n: _sha(tmp / n) for n in names}
+            meta["file_order"] = names
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
             if d.exists():
                 shutil.rmtree(d, ignore_errors=True)
             os.replace(tmp, d)
-            return d / "lib.so" if executable is not None else None
+            return d
         except OSError as e:
             log.warning("hwopt: could not write compile cache %s: %s", d, e)
             return None

@@ -38,11 +38,13 @@ def cmd_targets(_a) -> int:
     from hwopt.target import list_targets
 
     for name, t in sorted(list_targets().items()):
-        s = t.spec
-        print(f"{name:8s} {t.description}")
-        print(f"         peak {s.peak_flops['float32'] / 1e9:.0f} GFLOP/s fp32, memory "
-              f"{s.mem_bw / 1e9:.0f} GB/s, {s.cores} cores, {s.vector_lanes} lanes, dtypes "
-              f"{', '.join(s.dtypes)}; runs here: {'yes' if t.runs_here() else 'no'}")
+        d = t.spec.describe()
+        print(f"{name:8s} {t.description}; runs here: {'yes' if t.runs_here() else 'no'}")
+        print(f"         peak {', '.join(f'{k} {v}' for k, v in d['peak'].items())}; DRAM "
+              f"{d['dram_bw']}; on-chip {d['on_chip']}; {d['cores']} cores; dtypes "
+              f"{', '.join(d['dtypes'])}; sparsity {', '.join(d['sparsity']) or 'none'}")
+        if d["memory"]:
+            print(f"         memory {' | '.join(d['memory'])}")
     return EXIT_OK
 
 

@@ -16,6 +16,13 @@ from .errors import OptionError, did_you_mean
 
 @dataclass(frozen=True)
 class TargetSpec:
+    """What the hardware can do; the cost model and the passes read it (never hard-coded numbers).
+
+    `mem_levels` lists the memory hierarchy from the innermost level out, each as
+    ``(name, bytes, bandwidth bytes/s, energy J per byte accessed)``; the last one is off-chip.
+    `energy_per_mac` is J per multiply-accumulate per dtype (Eyeriss-style energy model).
+    """
+
     peak_flops: dict  # dtype -> FLOP/s (or OP/s for integer types)
     mem_bw: float  # bytes/s from main memory
     on_chip_bytes: int  # last-level cache / on-chip buffer
@@ -23,6 +30,22 @@ class TargetSpec:
     cores: int
     dtypes: tuple[str, ...] = ("float32",)
     sparsity_formats: tuple[str, ...] = ()
+    mem_levels: tuple[tuple[str, int, float, float], ...] = ()
+    energy_per_mac: dict = field(default_factory=dict)  # dtype -> J per MAC
+    clock_hz: float = 0.0
+
+    def describe(self) -> dict:
+        """A JSON-friendly summary (``hwopt targets``, manifests, reports)."""
+        return {
+            "peak": {k: f"{v / 1e9:.0f} G{'OP' if k.startswith('int') else 'FLOP'}/s"
+                     for k, v in self.peak_flops.items()},
+            "dram_bw": f"{self.mem_bw / 1e9:.1f} GB/s",
+            "on_chip": f"{self.on_chip_bytes / 2**20:.2f} MiB",
+            "cores": self.cores, "vector_lanes_fp32": self.vector_lanes,
+            "dtypes": list(self.dtypes), "sparsity": list(self.sparsity_formats),
+            "memory": [f"{n} {b / 2**10:.0f} KiB {bw / 1e9:.0f} GB/s {e * 1e12:.1f} pJ/B"
+                       for n, b, bw, e in self.mem_levels],
+        }
 
 
 @dataclass
@@ -35,7 +58,24 @@ class Target:
     runs_here: Callable[[], bool]
     default_passes: tuple[str, ...] = ("fuse",)
     schedule_lanes: int = 16
+    # prepare/schedule/build/export/load for this target (hwopt.lowering.llvm.LLVMLowering is
+    # the CPU one); None means LLVM with `schedule_lanes`.
+    lowering: Any = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.lowering is None:
+            from .lowering.llvm import LLVMLowering
+
+            self.lowering = LLVMLowering(self.schedule_lanes)
+
+    def cost(self, node_or_graph) -> Any:
+        """`Cost` of one FX node or of a whole GraphModule on this target."""
+        import torch.fx as fx
+
+        if isinstance(node_or_graph, fx.GraphModule):
+            return self.cost_model.graph_cost(node_or_graph)
+        return self.cost_model.node_cost(node_or_graph)
 
     def tvm(self):
         import tvm

@@ -62,10 +62,18 @@ def _ghz() -> float:
 def _spec() -> TargetSpec:
     lanes, cores = host_lanes(), host_cores()
     fp32 = cores * FMA_UNITS * lanes * 2 * _ghz() * 1e9
+    # Energy per byte by level: 45 nm figures scaled to 7 nm (Horowitz ISSCC'14; Eyeriss ratios
+    # RF 1 : L1 ~2 : L2 ~6 : DRAM ~200 relative to a MAC).
+    levels = (("L1", 32 * 2**10 * cores, 64 * _ghz() * 1e9 * cores, 0.5e-12),
+              ("L2", 512 * 2**10 * cores, 32 * _ghz() * 1e9 * cores, 2e-12),
+              ("L3", 32 * 2**20, 16 * _ghz() * 1e9 * cores, 8e-12),
+              ("DRAM", 0, DRAM_BW, 60e-12))
     return TargetSpec(
         peak_flops={"float32": fp32, "int8": 4 * fp32}, mem_bw=DRAM_BW,
         on_chip_bytes=32 * 2**20, vector_lanes=lanes, cores=cores,
-        dtypes=("float32", "int8"), sparsity_formats=())
+        dtypes=("float32", "int8"), sparsity_formats=(),
+        mem_levels=levels, energy_per_mac={"float32": 2e-12, "int8": 0.3e-12},
+        clock_hz=_ghz() * 1e9)
 
 
 _SPEC = _spec()

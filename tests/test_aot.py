@@ -25,7 +25,7 @@ def test_save_writes_library_manifest_and_plan(tmp_path, cache_dir):
     out = art.save(tmp_path / "art")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "cpu" and manifest["inputs"] == [[1, 3, 64, 64]]
-    lib = out / manifest["regions"][0]["library"]
+    lib = out / manifest["regions"][0]["files"][0]
     assert lib.stat().st_size > 0
     assert (out / "host_plan.py").read_text().startswith("\n\n\ndef forward") or \
         "def forward" in (out / "host_plan.py").read_text()

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from hwopt.cache import CompileCache, graph_key
-from hwopt.errors import LoweringError
+from hwopt.errors import HwoptError, LoweringError
 from hwopt.tuning_db import TuningDB
 
 log = logging.getLogger("hwopt")
@@ -35,29 +35,44 @@ class RegionInfo:
 
 
 class TVMRegion(torch.nn.Module):
-    """Calls a built Relax function; torch tensors in and out through DLPack (no copies)."""
+    """Calls a built Relax function; torch tensors in and out through DLPack (no copies).
 
-    def __init__(self, vm, single_output: bool, library_path: str | None = None,
-                 executable=None):
+    Holds the target's `lowering` and either the executable or the folder of files it was
+    exported to (a cache hit), so that `export` can write the target code again. `vm` is None
+    when the code is for another machine: calling the region then raises.
+    """
+
+    def __init__(self, vm, single_output: bool, lowering=None, executable=None,
+                 files: tuple | None = None, target_name: str = "cpu"):
         super().__init__()
-        self.vm, self.executable = vm, executable
-        self.fn = vm["main"]
+        self.vm, self.executable, self.lowering = vm, executable, lowering
+        self.fn = vm["main"] if vm is not None else None
         self.single_output = single_output
-        self.library_path = library_path
+        self.files = files  # (folder, [names]) of an exported copy, e.g. in the compile cache
+        self.target_name = target_name
         import tvm  # resolved once here, not on every call
 
         self._to_tvm = tvm.runtime.from_dlpack
 
-    def export(self, path) -> None:
-        """Write this region's shared library to `path`."""
+    def export(self, folder, name: str) -> list[str]:
+        """Write this region's target code into `folder` as ``<name>.*``; returns file names."""
         import shutil
+        from pathlib import Path
 
-        if self.library_path:
-            shutil.copyfile(self.library_path, path)
-        else:
-            self.executable.export_library(str(path))
+        if self.executable is not None:
+            return self.lowering.export(self.executable, Path(folder), name)
+        src, names = self.files
+        out = []
+        for n in names:  # cached copies are named lib.*; keep the suffix, take the region name
+            new = name + n[len(n.split(".")[0]):]
+            shutil.copyfile(Path(src) / n, Path(folder) / new)
+            out.append(new)
+        return out
 
     def forward(self, *args):
+        if self.fn is None:
+            raise HwoptError(f"this region was compiled for target {self.target_name!r}, which "
+                             "does not run on this machine; save the artifact and run it there")
         ins = [self._to_tvm(a.detach().contiguous()) for a in args]
         outs = _flatten_tvm(self.fn(*ins))
         outs = [torch.from_dlpack(o) for o in outs]
@@ -130,13 +145,13 @@ def time_pair(fa, fb, budget_s: float = 0.6, block: int = 4) -> tuple[float, flo
 
 
 def _schedule(mod, target, opts, db: TuningDB):
-    from hwopt.schedules import measure_func, schedule_module
-
+    low = target.lowering
     tvm_target = target.tvm()
     tstr = str(tvm_target)
-    lanes = target.schedule_lanes
+    lanes = getattr(low, "lanes", target.schedule_lanes)
+    measure = opts.tune == "measure" and target.runs_here() and hasattr(low, "measure")
     bar = None
-    if opts.tune == "measure":
+    if measure:
         from tqdm.auto import tqdm
         from tvm import tirx
 
@@ -149,12 +164,12 @@ def _schedule(mod, target, opts, db: TuningDB):
         if bar is not None:
             bar.set_postfix_str(name[:30])
             bar.update(1)
-        if known is not None or opts.tune != "measure" or len(candidates) < 2:
+        if known is not None or not measure or len(candidates) < 2:
             return known
         best = None
         for params in candidates:
             try:
-                sec = measure_func(rule.apply(func, params, lanes), tvm_target)
+                sec = low.measure(rule.apply(func, params, lanes), tvm_target)
             except Exception as e:  # a candidate that does not build is just skipped
                 log.debug("hwopt: candidate %s for %s failed: %s", params, name, e)
                 continue
@@ -166,7 +181,7 @@ def _schedule(mod, target, opts, db: TuningDB):
         return best[1]
 
     try:
-        return schedule_module(mod, lanes=lanes, pick=pick)
+        return low.schedule(mod, tvm_target, pick=pick)
     finally:
         if bar is not None:
             bar.close()
@@ -174,50 +189,56 @@ def _schedule(mod, target, opts, db: TuningDB):
 
 def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
                  cache: CompileCache, db: TuningDB) -> tuple[torch.nn.Module, RegionInfo]:
-    """A module that computes `sub` (TVM when it builds, checks and pays; else `sub` itself)."""
-    import tvm
-    from tvm import relax
+    """A module that computes `sub` (TVM when it builds, checks and pays; else `sub` itself).
 
+    For a target whose code does not run here (cross-compilation), the region is built and
+    exported but neither checked nor timed here; its tests run it on the device or an emulator.
+    """
     from hwopt.lowering.canonicalize import canonicalize
-    from hwopt.lowering.relax_import import build, prepare, to_relax
+    from hwopt.lowering.relax_import import to_relax
 
     target = opts.target
+    low, here = target.lowering, target.runs_here()
     key = graph_key(sub, inputs, opts.fingerprint())
     with torch.no_grad():
         want = sub(*inputs)
     single = isinstance(want, torch.Tensor)
     hit = cache.load(key)
     if hit is not None:
-        meta, lib = hit
+        meta, folder = hit
         info = RegionInfo(name, meta["executor"], meta.get("reason", ""), cached=True,
                           tvm_ms=meta.get("tvm_ms"), torch_ms=meta.get("torch_ms"),
                           kernels=meta.get("kernels", {}))
-        if info.executor == "torch" or lib is None:
+        files = meta.get("file_order") or []
+        if info.executor == "torch" or not files:
             return sub, info
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
-        return TVMRegion(vm, single, str(lib)), info
+        vm = low.load(folder, files) if here else None
+        return TVMRegion(vm, single, low, files=(folder, files), target_name=target.name), info
 
     t0 = time.perf_counter()
-    mod = prepare(to_relax(canonicalize(sub), tuple(inputs)), target.tvm())
-
+    tvm_target = target.tvm()
+    mod = low.prepare(to_relax(canonicalize(sub), tuple(inputs)), tvm_target)
     mod, choices = _schedule(mod, target, opts, db)
-    ex = build(mod, target.tvm())
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    region = TVMRegion(vm, single, executable=ex)
-    with torch.no_grad():
-        got = region(*inputs)
-    err = check_close(got, want, name)
-    info = RegionInfo(name, "tvm", "", build_s=time.perf_counter() - t0, max_rel_err=err,
-                      kernels={k: [c.rule, dict(c.params)] for k, c in choices.items()})
-    if opts.executor == "auto":
-        t_tvm, t_torch = time_pair(lambda: region(*inputs), lambda: sub(*inputs))
-        info.tvm_ms, info.torch_ms = t_tvm * 1e3, t_torch * 1e3
-        if t_torch < t_tvm:
-            info.executor, info.reason = "torch", "PyTorch measured faster on this machine"
+    ex = low.build(mod, tvm_target)
+    kernels = {k: [c.rule, dict(c.params)] for k, c in choices.items()}
+    if not here:
+        region = TVMRegion(None, single, low, executable=ex, target_name=target.name)
+        info = RegionInfo(name, "tvm", f"built for {target.name}; runs on the device",
+                          build_s=time.perf_counter() - t0, kernels=kernels)
+    else:
+        region = TVMRegion(low.vm(ex), single, low, executable=ex, target_name=target.name)
+        with torch.no_grad():
+            got = region(*inputs)
+        err = check_close(got, want, name)
+        info = RegionInfo(name, "tvm", "", build_s=time.perf_counter() - t0, max_rel_err=err,
+                          kernels=kernels)
+        if opts.executor == "auto":
+            t_tvm, t_torch = time_pair(lambda: region(*inputs), lambda: sub(*inputs))
+            info.tvm_ms, info.torch_ms = t_tvm * 1e3, t_torch * 1e3
+            if t_torch < t_tvm:
+                info.executor, info.reason = "torch", "PyTorch measured faster on this machine"
     meta = {"executor": info.executor, "reason": info.reason, "tvm_ms": info.tvm_ms,
             "torch_ms": info.torch_ms, "kernels": info.kernels, "target": target.name}
-    lib = cache.store(key, meta, ex if info.executor == "tvm" else None)
-    if info.executor == "torch":
-        return sub, info
-    region.library_path = str(lib) if lib else None
-    return region, info
+    export = (lambda d: low.export(ex, d, "lib")) if info.executor == "tvm" else None
+    cache.store(key, meta, export)
+    return (sub if info.executor == "torch" else region), info
