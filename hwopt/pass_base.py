@@ -119,6 +119,10 @@ def register_pass(name: str, *, lossless: bool = True, tolerance: float | None =
         else:
             raise TypeError(f"register_pass expects a Pass subclass or a function, got {obj!r}")
         _REGISTRY[name] = factory
+        try:  # so that a decorated function can be handed around and still resolve to its pass
+            obj.hwopt_pass_name = name
+        except (AttributeError, TypeError):
+            pass
         return obj
 
     return deco

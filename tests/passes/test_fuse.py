@@ -1,10 +1,11 @@
 import torch
 import torch.nn as nn
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hwopt.capture import from_module
 from hwopt.pass_base import PassContext, get_pass
+from hwopt.testing import assert_equivalent, graphs
 
 BN = torch.ops.aten._native_batch_norm_legit_no_training.default
 
@@ -96,3 +97,10 @@ def test_fuse_is_lossless_on_random_conv_bn_nets(case):
         want = m(x)
         got = res.graph_module(x)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max())))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+@given(graphs())
+def test_fuse_is_lossless_on_random_graphs(case):
+    """Any drawn model (conv, norms, attention, residuals ...): fuse keeps its meaning."""
+    assert_equivalent(case, "fuse")
