@@ -36,7 +36,9 @@ class Options:
     executor:     "auto" (per region, the faster of TVM and PyTorch, measured once and cached),
                   "tvm" (always TVM), "torch" (passes only, run in PyTorch).
     progress:     show progress bars on long steps.
-    tolerance:    relative error bound that lossy passes must meet.
+    tolerance:    bound on the relative RMS error (||got - want|| / ||want||, i.e. an SQNR floor
+                  of -20*log10(tolerance) dB) that every lossy pass must meet on the example
+                  and calibration inputs; None = each pass's own declared bound.
     """
 
     target: Any = "cpu"
@@ -48,7 +50,7 @@ class Options:
     tune: str = "none"
     executor: str = "auto"
     progress: bool = True
-    tolerance: float = 1e-2
+    tolerance: float | None = None
     pass_config: dict = field(default_factory=dict)
 
     @classmethod
@@ -82,7 +84,8 @@ class Options:
                                 for b in self.calibration]
         if not isinstance(self.strict, bool):
             raise OptionError(f"option 'strict' must be True or False, got {self.strict!r}")
-        if not (isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
+        if self.tolerance is not None and not (
+                isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
             raise OptionError(f"option 'tolerance' must be a positive number, got "
                               f"{self.tolerance!r}")
 

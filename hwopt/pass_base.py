@@ -50,12 +50,47 @@ class PassContext:
         return self.calibration
 
 
+def relative_error(got, want) -> float:
+    """The error measure lossy passes are bounded by: max over outputs of ||got - want|| / ||want||.
+
+    A relative RMS error `e` is an SQNR of -20*log10(e) dB (0.1 = 20 dB, 0.01 = 40 dB). Shape or
+    dtype changes, integer differences and new non-finite values count as infinite error.
+    """
+    got, want = _flat(got), _flat(want)
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return float("inf")
+        if not b.is_floating_point():
+            if not torch.equal(a, b):
+                return float("inf")
+            continue
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):
+            return float("inf")
+        a, b = a[finite].double(), b[finite].double()
+        if b.numel() == 0:
+            continue
+        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return worst
+
+
+def _flat(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat(v)]
+    return []
+
+
 class Pass:
     """Base class. Subclasses set `name`, `lossless` (or `tolerance`) and implement `call`."""
 
     name: str = ""
     lossless: bool = True
-    tolerance: float | None = None  # relative error bound for lossy passes
+    tolerance: float | None = None  # lossy passes: bound on `relative_error` of the outputs
     after: tuple[str, ...] = ()  # run after these passes when they are in the pipeline
     before: tuple[str, ...] = ()  # run before these passes when they are in the pipeline
 

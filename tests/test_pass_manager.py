@@ -101,3 +101,59 @@ def test_pass_returning_wrong_type_is_named():
 
     with pytest.raises(PassError, match="'bad'"):
         PassManager([Bad()])(_gm(), PassContext(target=None))
+
+
+def _linear_case():
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    x = torch.randn(4, 16)
+    from hwopt.capture import from_module
+
+    return from_module(m, (x,)).gm, x
+
+
+def _noisy(scale):
+    def fn(gm, ctx):
+        for node in list(gm.graph.nodes):
+            if node.op == "output":
+                (out,) = node.args[0]
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(torch.ops.aten.mul.Tensor, (out, 1.0 + scale))
+                node.args = ((new,),)
+        return PassResult(gm, True)
+    return fn
+
+
+def test_lossy_pass_within_bound_is_kept_and_its_error_recorded():
+    from hwopt.pass_base import FunctionPass
+    from hwopt.target import get_target
+
+    gm, x = _linear_case()
+    p = FunctionPass(_noisy(0.01), "scale_a_bit", False, 0.05, (), ())
+    ctx = PassContext(target=get_target("cpu"), example_inputs=(x,))
+    manager = PassManager([p])
+    out = manager(gm, ctx).graph_module
+    (rec,) = manager.records
+    assert rec.reverted is None and abs(rec.error - 0.01) < 1e-4 and rec.bound == 0.05
+    assert rec.cost_before is not None and rec.cost_after.flops >= rec.cost_before.flops
+    assert torch.ops.aten.mul.Tensor in [n.target for n in out.graph.nodes]
+
+
+def test_lossy_pass_over_bound_is_undone_with_a_warning():
+    from hwopt.pass_base import FunctionPass
+    from hwopt.target import get_target
+
+    gm, x = _linear_case()
+    want = gm(x)
+    p = FunctionPass(_noisy(0.3), "scale_a_lot", False, 0.05, (), ())
+    ctx = PassContext(target=get_target("cpu"), example_inputs=(x,))
+    manager = PassManager([p])
+    with pytest.warns(UserWarning, match="undone"):
+        out = manager(gm, ctx).graph_module
+    assert "0.3" in manager.records[0].reverted and not manager.records[0].modified
+    torch.testing.assert_close(out(x), want)
+    # the user's tolerance option overrides the pass's own bound
+    gm, x = _linear_case()
+    ctx = PassContext(target=get_target("cpu"), example_inputs=(x,), tolerance=0.5)
+    manager = PassManager([FunctionPass(_noisy(0.3), "scale_a_lot", False, 0.05, (), ())])
+    manager(gm, ctx)
+    assert manager.records[0].reverted is None
