@@ -1,4 +1,5 @@
-"""The ``hwopt`` command: ``hwopt targets``, ``hwopt compile MODULE:FACTORY ...``, ``hwopt bench``.
+"""The ``hwopt`` command: ``hwopt targets``, ``hwopt compile MODULE:FACTORY ...``, ``hwopt bench``,
+``hwopt report MODULE:FACTORY ... -o report.html``.
 
 Exit codes: 0 success, 1 compile/runtime error, 2 bad usage or options.
 """
@@ -48,16 +49,41 @@ def cmd_targets(_a) -> int:
     return EXIT_OK
 
 
-def cmd_compile(a) -> int:
+def _compile(a, **extra):
     import hwopt
 
     model, args = _inputs(_load_factory(a.factory)(), a.input)
-    art = hwopt.compile(model, args, target=a.target, tune=a.tune, progress=not a.quiet,
-                        **({"passes": a.passes.split(",")} if a.passes else {}))
+    options = {"target": a.target, "tune": a.tune, "progress": not a.quiet, **extra}
+    if a.passes:
+        options["passes"] = a.passes.split(",")
+    if a.passes and any(p in ("quantize", "prune") for p in options["passes"]):
+        options["calibration"] = [args]  # the example inputs; pass real data through the API
+    return hwopt.compile(model, args, **options)
+
+
+def cmd_compile(a) -> int:
+    art = _compile(a, **({"report": a.report} if a.report else {}))
     out = art.save(a.output)
     print(art.report())
     print(f"wrote {out}")
     return EXIT_OK
+
+
+def cmd_report(a) -> int:
+    art = _compile(a, report=a.output)
+    print(art.report())
+    print(f"wrote {a.output}")
+    return EXIT_OK
+
+
+def _model_args(c) -> None:
+    c.add_argument("factory", help="MODULE:FACTORY returning a model or (model, inputs)")
+    c.add_argument("--input", action="append", help="input shape like 1x3x224x224 (repeatable)")
+    c.add_argument("--target", default="cpu", help="cpu, arm64, cuda, fpga (see: hwopt targets)")
+    c.add_argument("--passes", help="comma-separated pass names (default: the target's)")
+    c.add_argument("--tune", default="none", choices=["none", "measure"],
+                   help="measure tile candidates per kernel (slower compile, faster code)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def cmd_bench(a) -> int:
@@ -88,14 +114,14 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("targets", help="list targets and their specs").set_defaults(fn=cmd_targets)
     c = sub.add_parser("compile", help="compile MODULE:FACTORY ahead of time and save it")
-    c.add_argument("factory", help="MODULE:FACTORY returning a model or (model, inputs)")
-    c.add_argument("--input", action="append", help="input shape like 1x3x224x224 (repeatable)")
-    c.add_argument("--target", default="cpu")
-    c.add_argument("--passes", help="comma-separated pass names")
-    c.add_argument("--tune", default="none", choices=["none", "measure"])
-    c.add_argument("-o", "--output", default="hwopt-out")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _model_args(c)
+    c.add_argument("-o", "--output", default="hwopt-out", help="folder for the artifact")
+    c.add_argument("--report", help="also write an HTML report to this path")
     c.set_defaults(fn=cmd_compile)
+    r = sub.add_parser("report", help="compile MODULE:FACTORY and write an HTML report")
+    _model_args(r)
+    r.add_argument("-o", "--output", default="hwopt-report.html", help="HTML file to write")
+    r.set_defaults(fn=cmd_report)
     b = sub.add_parser("bench", help="eager vs Inductor vs hwopt, measured in one run")
     b.add_argument("factory")
     b.add_argument("--input", action="append")

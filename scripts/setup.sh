@@ -9,3 +9,14 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test,models]"
+# Optional system tools (skipped with a note when not root or without apt): headless Chromium
+# for the report rendering test.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if ! command -v chromium >/dev/null 2>&1; then
+    (apt-get install -y -q chromium >/dev/null 2>&1 \
+      || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+      || echo "hwopt setup: could not install chromium; the report rendering test will be skipped"
+  fi
+else
+  echo "hwopt setup: not root or no apt-get: chromium not installed (report rendering test skips)"
+fi
