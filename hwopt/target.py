@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -91,7 +92,12 @@ def _discover() -> dict[str, Target]:
 
     found = {}
     for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception as e:  # one broken target module must not take the others down
+            warnings.warn(f"hwopt: target module hwopt.targets.{info.name} failed to import "
+                          f"({type(e).__name__}: {e}); its target is unavailable", stacklevel=2)
+            continue
         t = getattr(mod, "TARGET", None)
         if isinstance(t, Target):
             found[t.name] = t

@@ -9,6 +9,9 @@ PY=${PYTHON:-python3}
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test,models]"
+# Cross-compilation and emulation for the arm64 target (aarch64 gcc, qemu-user, an arm64 Python
+# sysroot with the TVM runtime); always exits 0, printing why when it cannot install them.
+bash scripts/setup_arm64.sh
 # Optional system tools (skipped with a note when not root or without apt): headless Chromium
 # for the report rendering test.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
