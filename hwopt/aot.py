@@ -18,9 +18,19 @@ from hwopt.errors import HwoptError, OptionError
 from hwopt.options import Options
 
 
-def compile(model: torch.nn.Module, example_inputs, *, example_kwargs: dict | None = None,
+def compile(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
             **options) -> "Artifact":
-    """Compile `model` for `target` ahead of time. Options as for the torch.compile backend."""
+    """Compile `model` for `target` ahead of time. Options as for the torch.compile backend.
+
+    `model` may also be an ONNX model (an .onnx path or onnx.ModelProto): it is converted by
+    hwopt.onnx_import; `example_inputs` then default to the model's declared input shapes.
+    """
+    from hwopt.onnx_import import is_onnx_model, to_graph_module
+
+    if is_onnx_model(model):
+        model, example_inputs = to_graph_module(model, example_inputs)
+    elif example_inputs is None:
+        raise OptionError("example_inputs are required (a tensor or a tuple of tensors)")
     opts = Options.from_dict(options)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not all(isinstance(a, torch.Tensor) for a in args):
@@ -85,6 +95,15 @@ class Artifact:
                     "versions": versions()}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         return out
+
+    def export_onnx(self, path, *, opset: int | None = None) -> Path:
+        """Write the rewritten graph (after fuse / quantize / prune) to an ONNX file.
+
+        Quantized layers become QuantizeLinear/DequantizeLinear pairs; see hwopt.onnx_export.
+        """
+        from hwopt.onnx_export import export_graph
+
+        return export_graph(self.compiled.graph, path, opset=opset)
 
     def report(self):
         from hwopt.report import Report

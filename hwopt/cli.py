@@ -1,5 +1,6 @@
 """The ``hwopt`` command: ``hwopt targets``, ``hwopt compile MODULE:FACTORY ...``, ``hwopt bench``,
-``hwopt report MODULE:FACTORY ... -o report.html``.
+``hwopt report MODULE:FACTORY ... -o report.html``. Wherever MODULE:FACTORY is accepted, a
+``model.onnx`` file is too (input shapes from the model, or from ``--input``).
 
 Exit codes: 0 success, 1 compile/runtime error, 2 bad usage or options.
 """
@@ -14,10 +15,21 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 def _load_factory(spec: str):
     if ":" not in spec:
-        raise SystemExit(f"hwopt: expected MODULE:FACTORY (e.g. hwopt.zoo:cnn), got {spec!r}")
+        raise SystemExit(f"hwopt: expected MODULE:FACTORY (e.g. hwopt.zoo:cnn) or a .onnx file, "
+                         f"got {spec!r}")
     mod, name = spec.split(":", 1)
     sys.path.insert(0, ".")
     return getattr(importlib.import_module(mod), name)
+
+
+def _load(spec: str, shapes):
+    """(model, example inputs) from MODULE:FACTORY or an .onnx file (converted by hwopt)."""
+    if spec.endswith(".onnx"):
+        from hwopt.onnx_import import example_inputs, to_graph_module
+
+        dims = [tuple(int(d) for d in s.split("x")) for s in shapes] if shapes else None
+        return to_graph_module(spec, example_inputs(spec, dims))
+    return _inputs(_load_factory(spec)(), shapes)
 
 
 def _inputs(model_and_maybe_inputs, shapes):
@@ -52,7 +64,7 @@ def cmd_targets(_a) -> int:
 def _compile(a, **extra):
     import hwopt
 
-    model, args = _inputs(_load_factory(a.factory)(), a.input)
+    model, args = _load(a.factory, a.input)
     options = {"target": a.target, "tune": a.tune, "progress": not a.quiet, **extra}
     if a.passes:
         options["passes"] = a.passes.split(",")
@@ -77,7 +89,8 @@ def cmd_report(a) -> int:
 
 
 def _model_args(c) -> None:
-    c.add_argument("factory", help="MODULE:FACTORY returning a model or (model, inputs)")
+    c.add_argument("factory", help="MODULE:FACTORY returning a model or (model, inputs), or a "
+                   "model.onnx file")
     c.add_argument("--input", action="append", help="input shape like 1x3x224x224 (repeatable)")
     c.add_argument("--target", default="cpu", help="cpu, arm64, cuda, fpga (see: hwopt targets)")
     c.add_argument("--passes", help="comma-separated pass names (default: the target's)")
@@ -92,7 +105,7 @@ def cmd_bench(a) -> int:
     from hwopt.bench import interleaved, pin_threads, rel_error, table
 
     pin_threads(2)
-    model, args = _inputs(_load_factory(a.factory)(), a.input)
+    model, args = _load(a.factory, a.input)
     with torch.no_grad():
         ref = model(*args)
         ind = torch.compile(model)
@@ -113,7 +126,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware PyTorch compiler.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("targets", help="list targets and their specs").set_defaults(fn=cmd_targets)
-    c = sub.add_parser("compile", help="compile MODULE:FACTORY ahead of time and save it")
+    c = sub.add_parser("compile", help="compile MODULE:FACTORY (or model.onnx) ahead of time "
+                       "and save it")
     _model_args(c)
     c.add_argument("-o", "--output", default="hwopt-out", help="folder for the artifact")
     c.add_argument("--report", help="also write an HTML report to this path")
@@ -123,7 +137,7 @@ def main(argv=None) -> int:
     r.add_argument("-o", "--output", default="hwopt-report.html", help="HTML file to write")
     r.set_defaults(fn=cmd_report)
     b = sub.add_parser("bench", help="eager vs Inductor vs hwopt, measured in one run")
-    b.add_argument("factory")
+    b.add_argument("factory", help="MODULE:FACTORY or model.onnx")
     b.add_argument("--input", action="append")
     b.add_argument("--target", default="cpu")
     b.set_defaults(fn=cmd_bench)
