@@ -39,6 +39,9 @@ class Options:
     tolerance:    bound on the relative RMS error (||got - want|| / ||want||, i.e. an SQNR floor
                   of -20*log10(tolerance) dB) that every lossy pass must meet on the example
                   and calibration inputs; None = each pass's own declared bound.
+    devices:      a TVM RPC tracker "host:port/key" (or a hwopt.rpc.DeviceFarm): with
+                  tune="measure", tile candidates are timed on those devices (the way to tune
+                  for a target that does not run here, e.g. arm64 boards).
     """
 
     target: Any = "cpu"
@@ -51,6 +54,7 @@ class Options:
     executor: str = "auto"
     progress: bool = True
     tolerance: float | None = None
+    devices: Any = None
     pass_config: dict = field(default_factory=dict)
 
     @classmethod
@@ -84,6 +88,13 @@ class Options:
                                 for b in self.calibration]
         if not isinstance(self.strict, bool):
             raise OptionError(f"option 'strict' must be True or False, got {self.strict!r}")
+        if self.devices is not None:
+            from .rpc import DeviceFarm, DeviceFarmError
+
+            try:
+                self.devices = DeviceFarm.parse(self.devices)
+            except DeviceFarmError as e:
+                raise OptionError(f"option 'devices': {e}") from e
         if self.tolerance is not None and not (
                 isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
             raise OptionError(f"option 'tolerance' must be a positive number, got "
@@ -101,6 +112,7 @@ class Options:
         return {"target": self.target.name, "tvm_target": self.target.tvm_target(),
                 "passes": [(p.name, config_dict(p)) for p in (self.passes or [])],
                 "tune": self.tune, "executor": self.executor, "tolerance": self.tolerance,
+                "devices": self.devices.key if self.devices and self.tune == "measure" else None,
                 "calibration": _calibration_digest(self.calibration)}
 
 

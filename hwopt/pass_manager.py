@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import PassError
+from .errors import OptionError, PassError
 from .pass_base import Pass, PassContext, PassResult, relative_error
 
 log = logging.getLogger("hwopt")
@@ -105,7 +105,7 @@ class PassManager:
         t0 = time.perf_counter()
         try:
             res = p(gm, ctx)
-        except PassError:
+        except (PassError, OptionError):  # a bad option or missing data: the user must fix it
             raise
         except Exception as e:  # name the pass: the traceback alone rarely does
             raise PassError(f"pass {p.name!r} failed: {type(e).__name__}: {e}") from e

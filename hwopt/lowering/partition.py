@@ -17,7 +17,8 @@ from torch.fx.passes.operator_support import OperatorSupportBase
 
 from hwopt.graph import constant_value, op_name
 
-SUPPORTED_DTYPES = {torch.float32, torch.int64, torch.int32, torch.bool}
+# int8: quantized activations and weights (the quantize pass's Q/DQ graphs, hwopt.lowering.qdq).
+SUPPORTED_DTYPES = {torch.float32, torch.int64, torch.int32, torch.bool, torch.int8}
 # Ops that must stay in PyTorch even though TVM converts them: they carry no computation TVM
 # can speed up and only break regions apart (asserts) or need host semantics.
 _NEVER = {"_assert_async.default", "_assert_async.msg", "_assert_scalar.default",
@@ -29,6 +30,12 @@ def tvm_convertible_ops() -> frozenset[str]:
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     return frozenset(ExportedProgramImporter().create_convert_map())
+
+
+def _qdq_converters() -> dict:
+    from hwopt.lowering.qdq import CONVERTERS
+
+    return CONVERTERS
 
 
 def _key(node: fx.Node) -> str:
@@ -53,7 +60,7 @@ def unsupported_reason(node: fx.Node) -> str | None:
     key = _key(node)
     if key in _NEVER:
         return "host-side op"
-    if key not in tvm_convertible_ops():
+    if key not in tvm_convertible_ops() and key not in _qdq_converters():
         return "no TVM converter"
     if not _dtypes_ok(node):
         return "unsupported dtype"

@@ -20,10 +20,16 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...])
     """
     from tvm.relax.frontend.torch import from_exported_program
 
+    from hwopt.lowering import qdq
+
+    convert = None
+    if qdq.has_quantized(gm):  # int8 layers -> integer kernels (see hwopt.lowering.qdq)
+        qdq.fuse_int8_layers(gm)
+        convert = qdq.CONVERTERS
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
-        return from_exported_program(ep, keep_params_as_input=False)
+        return from_exported_program(ep, keep_params_as_input=False, custom_convert_map=convert)
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target,

@@ -21,6 +21,7 @@ from .conv2d import Conv2dNHWC
 from .dense import Dense
 from .fastmath import use_fast_math
 from .injective import Injective
+from .int8 import Conv2dNHWCInt16, DenseInt16, prepack_weights
 from .measure import measure_func, measuring_pick
 from .reduction import Reduction
 
@@ -52,7 +53,9 @@ class Rule(Protocol):
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc: ...
 
 
-RULES: list[Rule] = [Conv2dNHWC(), Dense(), Reduction(), Injective()]
+# The integer rules come first: they match only int16 x int16 -> int32 blocks (quantized layers).
+RULES: list[Rule] = [Conv2dNHWCInt16(), DenseInt16(), Conv2dNHWC(), Dense(), Reduction(),
+                     Injective()]
 
 Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 
@@ -130,4 +133,4 @@ def schedule_module(mod: tvm.IRModule, lanes: int = 16,
             log.warning("no schedule rule applies to %s; it stays unscheduled (slow)", gv.name_hint)
         mod[gv] = scheduled
         choices[gv.name_hint] = choice
-    return mod, choices
+    return prepack_weights(mod, choices)  # int8 kernels: weights packed at compile time
