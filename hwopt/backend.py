@@ -62,8 +62,11 @@ def _compile_static(gm, example_inputs, opts):
                       "running it in PyTorch", stacklevel=2)
         log.debug("hwopt: compile failure", exc_info=True)
         return eager
-    eager_wins = opts.executor == "auto" and _eager_is_faster(compiled, cap, eager,
-                                                              example_inputs)
+    # A simulated target (fpga) runs here only to check its numbers: timing it against eager
+    # says nothing about the device, so its code is always what runs.
+    simulated = opts.target.extra.get("simulated", False)
+    eager_wins = opts.executor == "auto" and not simulated and _eager_is_faster(
+        compiled, cap, eager, example_inputs)
     if opts.report:
         from hwopt.report import write_report
 

@@ -53,6 +53,9 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
     target = opts.target
     if opts.executor == "torch":
         return gm, [RegionInfo("graph", "torch", "executor='torch'")]
+    custom = getattr(target.lowering, "lower_graph", None)
+    if custom is not None:  # a target that partitions the graph itself (fpga: int8 layers)
+        return custom(gm, inputs, opts, cache, db)
     missing = unsupported_nodes(gm)
     if missing:
         if opts.strict:
@@ -73,7 +76,26 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
         module, info = _build_or_fallback(name, sub, rec.seen[name], opts, cache, db)
         setattr(parent, name, module)
         infos.append(info)
-    return parent, infos
+    return parent, infos + _lower_nested(parent, opts, cache, db)
+
+
+def _lower_nested(parent: fx.GraphModule, opts, cache, db) -> list[RegionInfo]:
+    """Modules that keep their control flow in PyTorch but offer an inner graph to compile
+    (hwopt.step_cache.LazyBlock): ``hwopt_inner() -> (attribute, GraphModule, inputs) | None``,
+    inputs as seen by the run above."""
+    infos = []
+    for name, mod in list(parent.named_modules()):
+        spec = mod.hwopt_inner() if hasattr(mod, "hwopt_inner") else None
+        if spec is None:
+            continue
+        attr, sub, sub_inputs = spec
+        module, sub_infos = lower(sub, sub_inputs, opts, cache, db)
+        setattr(mod, attr, module)
+        for info in sub_infos:  # dotted names, so hwopt.aot finds nested regions to save
+            whole = not hasattr(module, info.name)  # the inner graph is one region itself
+            info.name = f"{name}.{attr}" + ("" if whole else f".{info.name}")
+        infos += sub_infos
+    return infos
 
 
 def _build_or_fallback(name, sub, inputs, opts, cache, db):
