@@ -13,10 +13,11 @@ from hwopt.cost import Cost
 from hwopt.errors import HwoptError, LoweringError, OptionError, PassError
 from hwopt.options import Options
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass, registered_passes
+from hwopt.step_cache import reset_cache
 from hwopt.target import Target, TargetSpec, get_target, list_targets
 
 __all__ = [
     "Artifact", "Cost", "HwoptError", "LoweringError", "OptionError", "Options", "Pass",
     "PassContext", "PassError", "PassResult", "Target", "TargetSpec", "compile", "get_pipeline",
-    "get_target", "list_targets", "register_pass", "registered_passes",
+    "get_target", "list_targets", "register_pass", "registered_passes", "reset_cache",
 ]

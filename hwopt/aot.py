@@ -114,5 +114,11 @@ class Artifact:
 def _region_of(module, name):
     from hwopt.lowering.region import TVMRegion
 
-    region = module if isinstance(module, TVMRegion) else getattr(module, name, None)
+    if isinstance(module, TVMRegion):
+        region = module
+    else:  # dotted: a region nested in a module that stays in PyTorch (a lazy_cache block)
+        try:
+            region = module.get_submodule(name)
+        except AttributeError:
+            region = None
     return region if isinstance(region, TVMRegion) else None
