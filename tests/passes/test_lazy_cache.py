@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from hwopt.passes.lazy_cache import LazyCacheConfig, find_blocks, quality
+from hypothesis import HealthCheck, given, settings
 
 import hwopt
 from hwopt.capture import from_module
@@ -13,6 +14,7 @@ from hwopt.graph import propagate_meta
 from hwopt.pass_base import PassContext, get_pass
 from hwopt.step_cache import LazyBlock, StepCache, step_caches
 from hwopt.target import get_target
+from hwopt.testing import assert_equivalent, graphs
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -194,3 +196,11 @@ def test_hwopt_compile_blocks_in_tvm_cache_in_torch(dit, tmp_path):
     saved = {r["name"]: r for r in json.loads(
         (art.save(tmp_path / "art") / "manifest.json").read_text())["regions"]}
     assert saved["_hwopt_lazy_block_0.block"].get("files"), saved
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(graphs(max_layers=3))
+def test_property_random_graphs_keep_their_meaning(case):
+    """Any drawn model (no timestep, usually no repeated blocks): lazy_cache keeps its outputs
+    within its declared bound (usually by leaving the graph as it is)."""
+    assert_equivalent(case, "lazy_cache")
