@@ -12,6 +12,10 @@ from tvm import te
 from hwopt.schedules import RULES, schedule_func
 from hwopt.schedules.fastmath import use_fast_math
 
+
+def _rule(name: str):
+    return next(r for r in RULES if r.name == name)
+
 LANES = 8
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                             "num-cores": 2})
@@ -101,7 +105,7 @@ def _matmul(m, n, k):
 @pytest.mark.parametrize("m,n,k", [(64, 64, 32), (30, 100, 16)])
 def test_dense_packs_b_panels(m, n, k):
     func = _matmul(m, n, k)
-    cand = RULES[1].candidates(func, LANES)[0]
+    cand = _rule("dense").candidates(func, LANES)[0]
     assert cand["pack"] == 1
     sched, _ = schedule_func(func, LANES, cand)
     assert re.search(r"B(_pad)?_global", sched.script())  # the packed panel buffer
@@ -127,7 +131,7 @@ def test_conv_packs_weights_unless_depthwise(ci, co, groups, pack):
     import torch
 
     func = _conv(ci, co, groups)
-    cand = RULES[0].candidates(func, LANES)[0]
+    cand = _rule("conv2d_nhwc").candidates(func, LANES)[0]
     assert cand["pack"] == pack
     sched, _ = schedule_func(func, LANES, cand)
     x, w = _rand(1, 10, 10, ci), _rand(3, 3, ci // groups, co)

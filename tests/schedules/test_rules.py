@@ -11,6 +11,10 @@ from tvm import te, tirx
 
 from hwopt.schedules import RULES, Choice, schedule_func, schedule_module
 
+
+def _rule(name: str):
+    return next(r for r in RULES if r.name == name)
+
 LANES = 8
 TARGET = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
                             "num-cores": 2})
@@ -92,7 +96,7 @@ def test_dense(b, m, n, k):
         a, w, bias = _rand(b, m, k), _rand(b, k, n), _rand(n)
     else:
         a, w, bias = _rand(m, k), _rand(k, n), _rand(n)
-    for params in [None] + RULES[1].candidates(func, LANES)[:3]:
+    for params in [None] + _rule("dense").candidates(func, LANES)[:3]:
         sched, choice = schedule_func(func, LANES, params)
         assert choice.rule == "dense"
         out = _run(sched, [a, w, bias, np.zeros((b, m, n) if b else (m, n), "float32")])[-1]
@@ -110,7 +114,7 @@ def test_conv2d(h, ci, co, kh, stride, groups):
                                      torch.from_numpy(w).permute(3, 2, 0, 1), stride=stride,
                                      padding=kh // 2, groups=groups)
     ref = np.maximum(ref.permute(0, 2, 3, 1).numpy() * scale, 0)
-    for params in [None] + RULES[0].candidates(func, LANES)[:3]:
+    for params in [None] + _rule("conv2d_nhwc").candidates(func, LANES)[:3]:
         sched, choice = schedule_func(func, LANES, params)
         assert choice.rule == "conv2d_nhwc"
         out = _run(sched, [x, w, scale, np.zeros(ref.shape, "float32")])[-1]
