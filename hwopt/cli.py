@@ -68,8 +68,12 @@ def _compile(a, **extra):
     options = {"target": a.target, "tune": a.tune, "progress": not a.quiet, **extra}
     if a.passes:
         options["passes"] = a.passes.split(",")
-    if a.passes and any(p in ("quantize", "prune") for p in options["passes"]):
-        options["calibration"] = [args]  # the example inputs; pass real data through the API
+    from hwopt.target import get_target
+
+    names = options.get("passes") or get_target(a.target).default_passes
+    if any(p in ("quantize", "prune") for p in names):
+        # The example inputs (random, or from the ONNX model); real data goes through the API.
+        options["calibration"] = [args]
     return hwopt.compile(model, args, **options)
 
 

@@ -31,3 +31,14 @@ def test_demo_runs_small(capsys):
     assert demo.main(["--small", "--models", "cnn"]) == 0
     out = capsys.readouterr().out
     assert "| cnn |" in out and "speedup" in out
+
+
+def test_compile_for_fpga_from_the_shell(tmp_path, monkeypatch):
+    """The fpga target's default pipeline quantizes: the CLI calibrates on the example inputs."""
+    monkeypatch.setenv("HWOPT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "fpga"
+    assert cli.main(["compile", "hwopt.zoo:cnn", "--input", "1x3x16x16", "--target", "fpga",
+                     "-o", str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == "fpga" and "quantize" in manifest["passes"]
+    assert list(out.glob("*.c"))
