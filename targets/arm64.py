@@ -85,7 +85,7 @@ TARGET = Target(
     name="arm64",
     description="mobile SoC, 4x Cortex-A78 @ 2.85 GHz (NEON, dotprod), aarch64 via LLVM",
     spec=_SPEC,
-    cost_model=RooflineModel(peak_flops=_SPEC.peak_flops["float32"], mem_bw=_SPEC.mem_bw),
+    cost_model=RooflineModel.from_spec(_SPEC),
     tvm_target=tvm_target, runs_here=on_aarch64,
     default_passes=("fuse",), schedule_lanes=LANES,
     # On an aarch64 host the native compiler links; elsewhere the Debian cross compiler.

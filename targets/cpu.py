@@ -1,8 +1,9 @@
 """The host CPU target: native code through LLVM for the machine hwopt runs on.
 
 Exports ``TARGET``: spec (peak compute from the vector width LLVM reports for the host CPU, core
-count, memory bandwidth), a roofline cost model, the TVM target dict and the schedule-rule vector
-width. Default pipeline: lossless passes only.
+count, memory bandwidth), a roofline cost model (refined by the calibration and learned model
+measured on this machine when the compile cache holds them, see ``hwopt.cost_machine``), the TVM
+target dict and the schedule-rule vector width. Default pipeline: lossless passes only.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import os
 
 from hwopt.cost import RooflineModel
+from hwopt.cost_machine import MachineCostModel
 from hwopt.target import Target, TargetSpec
 
 FMA_UNITS = 2  # fused multiply-add pipes per core on current x86 cores
@@ -81,6 +83,6 @@ _SPEC = _spec()
 TARGET = Target(
     name="cpu", description="this machine (x86-64), native code via LLVM",
     spec=_SPEC,
-    cost_model=RooflineModel(peak_flops=_SPEC.peak_flops["float32"], mem_bw=_SPEC.mem_bw),
+    cost_model=MachineCostModel(RooflineModel.from_spec(_SPEC), "cpu"),
     tvm_target=tvm_target, runs_here=lambda: True,
     default_passes=("fuse",), schedule_lanes=_SPEC.vector_lanes)

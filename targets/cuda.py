@@ -155,7 +155,7 @@ def make_target(arch: str = DEFAULT_ARCH) -> Target:
         name="cuda",
         description=f"NVIDIA {gpu.name} ({arch}): CUDA kernels built by TVM (dlight schedules)",
         spec=spec,
-        cost_model=RooflineModel(peak_flops=spec.peak_flops["float32"], mem_bw=spec.mem_bw),
+        cost_model=RooflineModel.from_spec(spec),
         tvm_target=functools.partial(tvm_target_dict, arch, gpu),
         runs_here=runs_here,
         default_passes=("fuse",),

@@ -58,7 +58,7 @@ def test_spec_figures(arch, fp32, sms):
     energies = [lvl[3] for lvl in s.mem_levels]
     assert bws == sorted(bws, reverse=True) and energies == sorted(energies)
     assert bws[-1] == s.mem_bw and s.mem_levels[2][1] == s.on_chip_bytes
-    assert t.cost_model.peak_flops == fp32 and t.cost_model.mem_bw == s.mem_bw
+    assert t.cost_model.peak("float32") == fp32 and t.cost_model.mem_bw == s.mem_bw
 
 
 def test_h100_is_faster_than_a100():
