@@ -38,8 +38,10 @@ def compile(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict
     try:
         cap = from_module(model, args, example_kwargs)
     except Exception as e:
+        from hwopt.dynamic.hints import capture_hint
+
         raise HwoptError(f"torch.export could not capture {type(model).__name__}: "
-                         f"{type(e).__name__}: {e}") from e
+                         f"{type(e).__name__}: {e}{capture_hint(e)}") from e
     compiled = compile_captured(cap, opts)
     if opts.report:
         from hwopt.report import write_report
@@ -88,10 +90,14 @@ class Artifact:
                 entry["files"] = region.export(out, info.name)
             regions.append(entry)
         (out / "host_plan.py").write_text(self.compiled.graph.code)
+        from hwopt.dynamic.plan import save_plan  # the plan as data, run by hwopt.dynamic.load
+
+        host_files = save_plan(self, out)
         manifest = {"target": self.target.name, "tvm_target": self.target.tvm_target(),
                     "spec": self.target.spec.describe(),
                     "inputs": [list(s) for s in self.input_shapes], "regions": regions,
                     "passes": [r.name for r in self.compiled.pass_records if not r.skipped],
+                    "host_plan": host_files,
                     "versions": versions()}
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         return out

@@ -63,6 +63,11 @@ def compile_captured(cap: Captured, opts: Options) -> Compiled:
     seconds = {}
     t = time.perf_counter()
     gm, inputs = cap.gm, tuple(cap.example_inputs)
+    # Control flow and data-dependent shapes cannot be propagated on static fake tensors: the
+    # split pass runs first when the graph has them (passes/split.py).
+    from hwopt.passes.split import split_dynamic
+
+    split_notes = split_dynamic(gm, opts)
     propagate_meta(gm, inputs)
     seconds["analyse"] = time.perf_counter() - t
 
@@ -72,6 +77,8 @@ def compile_captured(cap: Captured, opts: Options) -> Compiled:
     ctx = PassContext(target=opts.target, example_inputs=inputs, calibration=opts.calibration,
                       tolerance=opts.tolerance, options={"progress": opts.progress})
     manager = PassManager(passes)
+    if split_notes:
+        manager.records.append(PassRecord("split", 0.0, True, notes=tuple(split_notes)))
     gm = manager(gm, ctx).graph_module
     propagate_meta(gm, inputs)
     predicted = opts.target.cost_model.graph_cost(gm)

@@ -63,7 +63,8 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
             raise LoweringError("no TVM lowering for this op (remove strict=True to run it in "
                                 "PyTorch)", node=nodes[0], op=op, target=target.name)
         warn_once(f"hwopt: ops without a TVM lowering run in PyTorch: {', '.join(missing)}")
-    if not missing:
+    # call_module nodes (control flow of split dynamic networks, cached blocks) stay in PyTorch
+    if not missing and not any(n.op == "call_module" for n in gm.graph.nodes):
         module, info = _build_or_fallback("hwopt_region_0", gm, list(inputs), opts, cache, db)
         return module, [info]
     parent, names = partition(gm)
@@ -82,19 +83,19 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
 def _lower_nested(parent: fx.GraphModule, opts, cache, db) -> list[RegionInfo]:
     """Modules that keep their control flow in PyTorch but offer an inner graph to compile
     (hwopt.step_cache.LazyBlock): ``hwopt_inner() -> (attribute, GraphModule, inputs) | None``,
-    inputs as seen by the run above."""
+    inputs as seen by the run above; or a list of them (the branches of hwopt.dynamic.control)."""
     infos = []
     for name, mod in list(parent.named_modules()):
         spec = mod.hwopt_inner() if hasattr(mod, "hwopt_inner") else None
         if spec is None:
             continue
-        attr, sub, sub_inputs = spec
-        module, sub_infos = lower(sub, sub_inputs, opts, cache, db)
-        setattr(mod, attr, module)
-        for info in sub_infos:  # dotted names, so hwopt.aot finds nested regions to save
-            whole = not hasattr(module, info.name)  # the inner graph is one region itself
-            info.name = f"{name}.{attr}" + ("" if whole else f".{info.name}")
-        infos += sub_infos
+        for attr, sub, sub_inputs in (spec if isinstance(spec, list) else [spec]):
+            module, sub_infos = lower(sub, sub_inputs, opts, cache, db)
+            setattr(mod, attr, module)
+            for info in sub_infos:  # dotted names, so hwopt.aot finds nested regions to save
+                whole = not hasattr(module, info.name)  # the inner graph is one region itself
+                info.name = f"{name}.{attr}" + ("" if whole else f".{info.name}")
+            infos += sub_infos
     return infos
 
 
