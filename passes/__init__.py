@@ -3,6 +3,7 @@ from . import (
     early_exit,  # noqa: F401
     fuse,  # noqa: F401
     lazy_cache,  # noqa: F401
+    prune,  # noqa: F401
     quantize,  # noqa: F401
     split,  # noqa: F401
 )

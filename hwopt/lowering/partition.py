@@ -34,8 +34,9 @@ def tvm_convertible_ops() -> frozenset[str]:
 
 def _qdq_converters() -> dict:
     from hwopt.lowering.qdq import CONVERTERS
+    from hwopt.lowering.sparse import CONVERTERS as SPARSE
 
-    return CONVERTERS
+    return {**CONVERTERS, **SPARSE}
 
 
 def _key(node: fx.Node) -> str:

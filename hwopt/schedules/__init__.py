@@ -24,6 +24,7 @@ from .injective import Injective
 from .int8 import Conv2dNHWCInt16, DenseInt16, prepack_weights
 from .measure import measure_func, measuring_pick
 from .reduction import Reduction
+from .sparse import SparseIndexed
 
 log = logging.getLogger("hwopt")
 
@@ -53,9 +54,10 @@ class Rule(Protocol):
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc: ...
 
 
-# The integer rules come first: they match only int16 x int16 -> int32 blocks (quantized layers).
-RULES: list[Rule] = [Conv2dNHWCInt16(), DenseInt16(), Conv2dNHWC(), Dense(), Reduction(),
-                     Injective()]
+# The integer rules come first: they match only int16 x int16 -> int32 blocks (quantized layers);
+# the sparse rule matches only the kernel of pruned layers (hwopt.lowering.sparse).
+RULES: list[Rule] = [SparseIndexed(), Conv2dNHWCInt16(), DenseInt16(), Conv2dNHWC(), Dense(),
+                     Reduction(), Injective()]
 
 Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 
