@@ -4,7 +4,8 @@
 
 Cases come from hwopt.dynamic_zoo.CASES (a list other passes extend). Per case and path: whether
 hwopt compiled it (hwopt.compile for cases torch.export captures, else torch.compile with
-backend="hwopt"; a compile that falls back to PyTorch counts as a failure), the max relative
+backend="hwopt"; a compile that falls back to PyTorch counts as a failure), how many static
+variants were compiled for the case (shape buckets / exact shapes), the max relative
 error against eager, and median latencies of eager, Inductor and hwopt measured round-robin in
 the same run (hwopt.bench.interleaved), with their ratios. Exits non-zero only on a crash.
 """
@@ -25,12 +26,40 @@ import hwopt  # noqa: E402
 from hwopt import dynamic_zoo  # noqa: E402
 
 
+def _marked(case, args):
+    """Inputs with Dynamo's dynamic-dimension marks of the case (torch.compile cases)."""
+    for i, (dim, lo, hi) in case.extra.get("mark_dynamic", {}).items():
+        torch._dynamo.mark_dynamic(args[i], dim, min=lo, max=hi)
+    return args
+
+
+class _Count:
+    """Counts static compiles of the torch.compile backend (one per shape bucket or shape)."""
+
+    def __init__(self):
+        import hwopt.backend as backend
+
+        self.n, self.backend, self.real = 0, backend, backend._compile_static
+
+    def __enter__(self):
+        def counted(*a, **k):
+            self.n += 1
+            return self.real(*a, **k)
+
+        self.backend._compile_static = counted
+        return self
+
+    def __exit__(self, *exc):
+        self.backend._compile_static = self.real
+
+
 def _compile(case, model, inputs, cache_dir):
-    """(callable, how, fell back?)"""
-    with warnings.catch_warnings(record=True) as caught:
+    """(callable, how, fell back?, number of static compiles)"""
+    with warnings.catch_warnings(record=True) as caught, _Count() as count:
         warnings.simplefilter("always")
         if case.aot:
-            fn = hwopt.compile(model, inputs, cache_dir=cache_dir, progress=False)
+            fn = hwopt.compile(model, inputs, cache_dir=cache_dir, progress=False,
+                               **case.extra.get("options", {}))
             how = "hwopt.compile"
         else:
             torch._dynamo.reset()
@@ -39,16 +68,17 @@ def _compile(case, model, inputs, cache_dir):
             how = "torch.compile"
         with torch.no_grad():
             for args in case.variants(inputs).values():
-                fn(*args)
+                fn(*_marked(case, args))
     fell_back = [str(w.message) for w in caught if "running it in PyTorch" in str(w.message)
-                 or "could not compile" in str(w.message)]
-    return fn, how, fell_back
+                 or "could not compile" in str(w.message) or "run in PyTorch" in str(w.message)]
+    compiles = getattr(fn, "compiles", None) if case.aot else count.n
+    return fn, how, fell_back, compiles
 
 
 def run(case, small: bool, cache_dir: str) -> list[dict]:
     model, inputs = case.make(small)
     try:
-        fast, how, fell_back = _compile(case, model, inputs, cache_dir)
+        fast, how, fell_back, compiles = _compile(case, model, inputs, cache_dir)
     except Exception as e:  # a failure to compile is a row, not a crash
         return [{"case": case.name, "kind": case.kind, "compiled": f"no: {type(e).__name__}"}]
     torch._dynamo.reset()
@@ -58,8 +88,8 @@ def run(case, small: bool, cache_dir: str) -> list[dict]:
         with torch.no_grad():
             ref = model(*args)
             row = {"case": case.name, "kind": case.kind, "path": path, "via": how,
-                   "compiled": "no (fallback)" if fell_back else "yes",
-                   "hwopt rel err": rel_error(fast(*args), ref)}
+                   "compiled": "no (fallback)" if fell_back else "yes", "compiles": compiles,
+                   "hwopt rel err": rel_error(fast(*_marked(case, args)), ref)}
             try:  # Inductor itself may fail on a dynamic model: a row value, not a crash
                 row["inductor rel err"] = rel_error(inductor(*args), ref)
                 fns = {"inductor": lambda a=args: inductor(*a)}
@@ -90,8 +120,8 @@ def main() -> int:
             total += 1
             ok += all(r.get("compiled") == "yes" for r in case_rows)
             rows += case_rows
-    cols = ["case", "kind", "path", "via", "compiled", "eager ms", "inductor ms", "hwopt ms",
-            "hwopt/eager", "hwopt/inductor", "hwopt rel err", "inductor rel err"]
+    cols = ["case", "kind", "path", "via", "compiled", "compiles", "eager ms", "inductor ms",
+            "hwopt ms", "hwopt/eager", "hwopt/inductor", "hwopt rel err", "inductor rel err"]
     print(table(rows, cols))
     print(f"\ncompile success: {ok}/{total} cases ({100 * ok / max(total, 1):.0f}%)")
     return 0

@@ -22,6 +22,10 @@ def compile(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict
             **options) -> "Artifact":
     """Compile `model` for `target` ahead of time. Options as for the torch.compile backend.
 
+    ``dynamic_shapes`` (torch.export style, e.g. ``({1: Dim("seq", min=16, max=128)},)`` or
+    ``({1: (16, 128)},)``) compiles a few shape buckets instead of one shape and returns a
+    hwopt.dynamic.variants.ShapeArtifact (same call / save / report interface).
+
     `model` may also be an ONNX model (an .onnx path or onnx.ModelProto): it is converted by
     hwopt.onnx_import; `example_inputs` then default to the model's declared input shapes.
     """
@@ -35,6 +39,12 @@ def compile(model: torch.nn.Module, example_inputs=None, *, example_kwargs: dict
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not all(isinstance(a, torch.Tensor) for a in args):
         raise OptionError("example_inputs must be a tensor or a tuple of tensors")
+    if opts.dynamic_shapes is not None:  # one static variant per shape bucket
+        from hwopt.dynamic.variants import compile_dynamic
+
+        static = {k: v for k, v in options.items() if k != "dynamic_shapes"}
+        return compile_dynamic(model, args, example_kwargs, opts, lambda a, k: compile(
+            model, a, example_kwargs=k, **static))
     try:
         cap = from_module(model, args, example_kwargs)
     except Exception as e:

@@ -38,8 +38,11 @@ def hwopt_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None
                           "torch.compile cannot use it; cross-compile with hwopt.compile(model, "
                           f"inputs, target={opts.target.name!r}).save(folder)")
     _warn_if_training(example_inputs)
+    if opts.dynamic_shapes is not None:
+        raise OptionError("option 'dynamic_shapes' is for hwopt.compile; under torch.compile "
+                          "use dynamic=True or torch._dynamo.mark_dynamic(x, dim, min=, max=)")
     if has_symbolic(example_inputs):
-        return ShapeSpecialized(gm, opts)
+        return ShapeSpecialized(gm, opts, example_inputs)
     return _compile_static(gm, example_inputs, opts)
 
 
@@ -65,8 +68,8 @@ def _compile_static(gm, example_inputs, opts):
     # A simulated target (fpga) runs here only to check its numbers: timing it against eager
     # says nothing about the device, so its code is always what runs.
     simulated = opts.target.extra.get("simulated", False)
-    eager_wins = opts.executor == "auto" and not simulated and _eager_is_faster(
-        compiled, cap, eager, example_inputs)
+    eager_wins = (opts.executor == "auto" and not simulated and not _stateful(compiled)
+                  and _eager_is_faster(compiled, cap, eager, example_inputs))
     if opts.report:
         from hwopt.report import write_report
 
@@ -79,6 +82,17 @@ def _compile_static(gm, example_inputs, opts):
         cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)},
                     lambda d: compiled.module.export(d, "lib"))
     return _runner(compiled, cap.input_indices, cap.frozen, eager)
+
+
+def _stateful(compiled) -> bool:
+    """A graph whose calls depend on earlier calls (step caches of lazy_cache): one input timed
+    over and over is not how it runs, so the whole-graph timing is skipped (regions still chose
+    their executor one by one)."""
+    stateful = any(getattr(m, "hwopt_stateful", False) for m in compiled.module.modules())
+    if stateful:
+        compiled.decision = ("compiled graph kept: it holds step caches, whose speed shows over a "
+                             "sampling run, not in a repeated single call")
+    return stateful
 
 
 def _eager_is_faster(compiled, cap, eager, example_inputs) -> bool:
@@ -151,28 +165,34 @@ def _runner(compiled, indices, frozen, eager):
 
 
 class ShapeSpecialized:
-    """A graph with dynamic shapes: compiled once per concrete shape seen at run time (a few
-    shapes at most; past that, new shapes run in PyTorch with a warning)."""
+    """A graph with dynamic shapes: compiled once per shape bucket (inputs padded to it, outputs
+    sliced back; hwopt.dynamic.shape_backend) where padding is proven safe, else once per exact
+    shape; at most ``max_buckets`` compiles, past that new shapes run in PyTorch with a warning."""
 
-    MAX_SHAPES = 8
+    def __init__(self, gm, opts, example_inputs=()):
+        from hwopt.dynamic.shape_backend import ShapeBuckets
 
-    def __init__(self, gm, opts):
         self.gm, self.opts, self.compiled = gm, opts, {}
-
-    @staticmethod
-    def _key(args) -> tuple:
-        return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+        self.buckets = ShapeBuckets(gm, example_inputs, opts)
+        self.prepared = False
 
     def __call__(self, *args):
-        key = self._key(args)
+        if not self.prepared:
+            self.prepared = True
+            self.buckets.prepare(args)
+        key = self.buckets.key(args)
         fn = self.compiled.get(key)
         if fn is None:
-            if len(self.compiled) >= self.MAX_SHAPES:
-                warnings.warn(f"hwopt: more than {self.MAX_SHAPES} input shapes for one graph; "
-                              "new shapes run in PyTorch", stacklevel=2)
+            if len(self.compiled) >= self.opts.max_buckets:
+                warnings.warn(f"hwopt: more than {self.opts.max_buckets} input shapes for one "
+                              "graph (option max_buckets); new shapes run in PyTorch",
+                              stacklevel=2)
                 return self.gm.forward(*args)
-            fn = self.compiled[key] = _compile_static(self.gm, list(args), self.opts)
-        return fn(*args)
+            fn = self.compiled[key] = _compile_static(
+                self.gm, self.buckets.compile_args(args, key), self.opts)
+        if key[0] != "bucket":
+            return fn(*args)
+        return self.buckets.unpad(fn(*self.buckets.pad(args, key[1])), args)
 
 
 def _warn_if_training(example_inputs) -> None:

@@ -12,6 +12,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -201,7 +202,7 @@ def node_work(node: fx.Node) -> Work:
     if cls == "gather":  # reads only the rows it gathers, not the whole table
         return Work(cls, 0, 0, dt, ((ins[0][0], out_b),) + tuple(ins[1:]), out_b)
     n_out = _elems(out[0] if isinstance(out, (tuple, list)) and out else out)
-    n_in = max((numel(_val(a)) for a, _ in ins), default=0) if ins else 0
+    n_in = _max(numel(_val(a)) for a, _ in ins)
     if cls in ("reduction", "softmax", "norm"):
         src = _val(ins[0][0]) if ins else None
         row = _row_bytes(node, name, src) if isinstance(src, torch.Tensor) else 0
@@ -210,6 +211,17 @@ def node_work(node: fx.Node) -> Work:
         return Work(cls, flops, 0, dt, tuple(ins), out_b, window=window, row_bytes=row)
     flops = 0 if is_copy(node) else ELEMENT_FLOPS.get(name, 1) * n_out
     return Work(cls, flops, 0, dt, tuple(ins), out_b)
+
+
+def _max(values) -> Any:
+    """Largest of some counts; a sympy ``Max`` when one of them is symbolic (sizes that grow
+    with a dynamic dimension at different rates cannot be ordered by Python's ``max``)."""
+    values = list(values)
+    if not values:
+        return 0
+    if any(isinstance(v, sympy.Basic) for v in values):
+        return sympy.Max(*values)
+    return max(values)
 
 
 def _conv_work(node, cls, dt, ins, out_b) -> Work:

@@ -103,6 +103,36 @@ class PythonIf(nn.Module):
         return self.b(x).sigmoid()
 
 
+class MaskedAttention(nn.Module):
+    """One self-attention block over token ids with an attention mask (padding is safe)."""
+
+    def __init__(self, vocab=100, d=32, heads=2):
+        super().__init__()
+        self.emb, self.heads = nn.Embedding(vocab, d), heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5
+        scores = scores + (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, d)
+        return self.norm(x + self.out(y))
+
+
+class MeanPooled(nn.Module):
+    """A mean over the sequence without a mask: padding would change it (unsafe)."""
+
+    def __init__(self, vocab=100, d=32):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(vocab, d), nn.Linear(d, d)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).relu().mean(1)
+
+
 @dataclass
 class DynCase:
     name: str
@@ -152,11 +182,11 @@ class _Bert(nn.Module):
 
         cfg = BertConfig(hidden_size=64 if small else 256, num_hidden_layers=2 if small else 4,
                          num_attention_heads=4, intermediate_size=128 if small else 1024,
-                         vocab_size=1000)
+                         vocab_size=1000, attn_implementation="eager")
         self.bert = BertModel(cfg, add_pooling_layer=False)
 
-    def forward(self, ids):
-        return self.bert(input_ids=ids).last_hidden_state
+    def forward(self, ids, mask=None):
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def _bert(small):
@@ -167,6 +197,22 @@ def _bert(small):
 def _lengths(inputs):
     (ids,) = inputs
     return {f"len {n}": (ids[:, :n].contiguous(),) for n in (32, 24, 16)}
+
+
+SEQ_RANGE = (16, 128)
+SEQ_LENGTHS = (16, 23, 40, 64, 77, 100, 128)
+
+
+def _bert_masked(small):
+    torch.manual_seed(0)
+    ids = torch.randint(1, 1000, (1, SEQ_RANGE[1]))
+    return _Bert(small).eval(), (ids[:, :32], torch.ones(1, 32, dtype=torch.int64))
+
+
+def _masked_lengths(inputs):
+    g = torch.Generator().manual_seed(1)
+    return {f"len {n}": (torch.randint(1, 1000, (1, n), generator=g),
+                         torch.ones(1, n, dtype=torch.int64)) for n in SEQ_LENGTHS}
 
 
 def _signs(inputs):
@@ -197,7 +243,14 @@ CASES: list[DynCase] = [
     DynCase("python_if", "python if", _pyif, _signs, aot=False,
             notes="torch.compile only: graph break, each side compiled"),
     DynCase("bert_varlen", "dynamic shapes", _bert, _lengths, aot=False,
-            notes="torch.compile: one compile per sequence length (hwopt.backend)"),
+            notes="torch.compile, no mask: padding unsafe, one compile per length (<= "
+                  "max_buckets)"),
+    DynCase("bert_buckets", "dynamic shapes (buckets)", _bert_masked, _masked_lengths,
+            notes="hwopt.compile with dynamic_shapes: padded to cost-model buckets",
+            extra={"options": {"dynamic_shapes": ({1: SEQ_RANGE}, {1: SEQ_RANGE})}}),
+    DynCase("bert_buckets_dynamo", "dynamic shapes (buckets)", _bert_masked, _masked_lengths,
+            aot=False, notes="torch.compile + mark_dynamic(dim 1, min, max): buckets",
+            extra={"mark_dynamic": {0: (1, *SEQ_RANGE), 1: (1, *SEQ_RANGE)}}),
 ]
 
 

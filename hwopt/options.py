@@ -42,6 +42,13 @@ class Options:
     devices:      a TVM RPC tracker "host:port/key" (or a hwopt.rpc.DeviceFarm): with
                   tune="measure", tile candidates are timed on those devices (the way to tune
                   for a target that does not run here, e.g. arm64 boards).
+    dynamic_shapes: hwopt.compile only: which input sizes vary, as torch.export's
+                  ``dynamic_shapes`` (one entry per input, ``{axis: Dim("seq", min=16,
+                  max=128)}``), or the shorthand ``{axis: (16, 128)}`` (equal ranges share one
+                  size). One static variant is compiled per shape bucket (hwopt.dynamic.shapes);
+                  under torch.compile use ``dynamic=True`` / ``torch._dynamo.mark_dynamic``.
+    max_buckets:  at most this many compiled variants per dynamic graph (shape buckets, or
+                  exact shapes where padding is unsafe); beyond that, PyTorch with a warning.
     """
 
     target: Any = "cpu"
@@ -55,6 +62,8 @@ class Options:
     progress: bool = True
     tolerance: float | None = None
     devices: Any = None
+    dynamic_shapes: Any = None
+    max_buckets: int = 4
     pass_config: dict = field(default_factory=dict)
 
     @classmethod
@@ -95,6 +104,14 @@ class Options:
                 self.devices = DeviceFarm.parse(self.devices)
             except DeviceFarmError as e:
                 raise OptionError(f"option 'devices': {e}") from e
+        if isinstance(self.max_buckets, bool) or not (
+                isinstance(self.max_buckets, int) and self.max_buckets >= 1):
+            raise OptionError(f"option 'max_buckets' must be a positive integer, got "
+                              f"{self.max_buckets!r}")
+        if self.dynamic_shapes is not None:
+            from .dynamic.shapes import normalize_dynamic_shapes
+
+            normalize_dynamic_shapes(self.dynamic_shapes)  # raises on a malformed spec
         if self.tolerance is not None and not (
                 isinstance(self.tolerance, (int, float)) and self.tolerance > 0):
             raise OptionError(f"option 'tolerance' must be a positive number, got "

@@ -67,6 +67,10 @@ class CacheStats:
 class StepCache(torch.nn.Module):
     """Per-block cached residuals of one compiled graph, with their skip thresholds."""
 
+    # Calls depend on earlier calls: timing one input over and over (the backend's whole-graph
+    # eager-vs-compiled check) measures a cache reset each time, not a sampling run.
+    hwopt_stateful = True
+
     def __init__(self, thresholds: list[float], max_bytes: int = 1 << 30,
                  reset_on_repeat: bool = True):
         super().__init__()

@@ -5,7 +5,9 @@ Sits in the *run* step and in ``Artifact.save`` (hwopt.aot). `to_plan` walks the
 modules of hwopt.dynamic.control) and writes each node as a step: ``region`` (a saved TVM
 library, by its manifest name), ``aten`` (an op left on the host, by its ATen name), ``getitem``,
 ``cond`` / ``while`` (nested plans or regions per branch), ``bucketed`` (padded sizes -> region),
-``call`` (a nested plan), ``const`` (a tensor in host_consts.pt). No model code is needed to run
+``call`` (a nested plan), ``const`` (a tensor in host_consts.pt). An artifact compiled for
+dynamic input shapes has instead a ``shape_variants`` entry (hwopt.dynamic.variants): the
+buckets, the input axes to pad and a sub-folder per variant. No model code is needed to run
 it: `load(folder)` reads manifest.json, host_plan.json and the region libraries and returns a
 callable that picks branches from the plan.
 """
@@ -267,7 +269,7 @@ class LoadedArtifact:
         return pytree.tree_unflatten(list(out), self.out_spec) if self.out_spec is not None else out
 
 
-def load(folder) -> LoadedArtifact:
+def load(folder):
     """Load an artifact saved by ``Artifact.save`` on the machine its target runs on."""
     from hwopt.lowering.region import TVMRegion
     from hwopt.target import get_target
@@ -281,6 +283,10 @@ def load(folder) -> LoadedArtifact:
     if doc.get("version") != PLAN_VERSION:
         raise HwoptError(f"{folder}/host_plan.json has version {doc.get('version')}, this "
                          f"hwopt reads version {PLAN_VERSION}; compile the model again")
+    if "shape_variants" in doc:  # one variant per shape bucket (hwopt.dynamic.variants)
+        from hwopt.dynamic.variants import load_variants
+
+        return load_variants(folder, doc)
     target = get_target(manifest["target"])
     if not target.runs_here():
         raise HwoptError(f"{folder} holds code for target {target.name!r}, which does not run "
