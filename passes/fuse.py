@@ -1,4 +1,4 @@
-"""fuse: constant folding and conv/linear + BatchNorm folding (lossless).
+"""fuse: constant folding, BatchNorm folding, attention and linear-epilogue fusion (lossless).
 
 Runs first in every pipeline, on the canonical ATen graph (see hwopt.capture), before any lossy
 pass: folding BatchNorm into the preceding conv/linear removes a whole pass over the activations
@@ -10,7 +10,14 @@ Rewrites, each a pattern + replacement + check:
   (e.g. the ``permute`` of a linear weight), unless that would grow the constants;
 - conv + BN: ``convolution -> _native_batch_norm_legit_no_training -> getitem 0`` becomes one
   convolution with scaled weights and a bias;
-- linear + BN: ``addmm(b, x, W^T)`` (or ``mm``) followed by a BatchNorm over features likewise.
+- linear + BN: ``addmm(b, x, W^T)`` (or ``mm``) followed by a BatchNorm over features likewise;
+- attention: ``bmm -> [scale] -> [+ mask] -> softmax -> bmm`` becomes one ``hwopt::attention``
+  op, lowered by hwopt.lowering.attention (passes/fuse_attention.py);
+- linear epilogues: GELU, element-wise chains and residual adds after a linear run on its 2-D
+  output, so FuseOps fuses them into the matmul kernel (passes/fuse_epilogue.py). conv + add +
+  activation needs no rewrite (the NHWC conv kernel takes that epilogue as it is); the notes
+  count it.
+The notes of the PassResult give the count per pattern.
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ import torch.fx as fx
 from hwopt.graph import add_constant, constant_value, is_constant, remove_unused_constants
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
+from .fuse_attention import fuse_attention
+from .fuse_epilogue import count_conv_epilogues, fuse_epilogues
+
 aten = torch.ops.aten
 BN = aten._native_batch_norm_legit_no_training.default
 _IMPURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "copy_", "_assert",
@@ -32,6 +42,10 @@ _IMPURE = ("rand", "normal", "bernoulli", "dropout", "empty", "uniform", "copy_"
 class FuseConfig:
     fold_constants: bool = True
     fold_batchnorm: bool = True
+    # matmul -> [scale] -> [+ mask] -> softmax -> matmul as one hwopt::attention op.
+    fuse_attention: bool = True
+    # Views moved off linear outputs so GELU / residual adds fuse into the matmul kernel.
+    fuse_epilogues: bool = True
     # Constant folding may not grow the constants beyond this many elements per node.
     max_folded_numel: int = 1 << 16
 
@@ -52,6 +66,17 @@ class Fuse(Pass):
             n = fold_batchnorm(gm)
             changed += n
             notes.append(f"folded {n} BatchNorm(s) into conv/linear")
+        if self.config.fuse_attention:
+            n = fuse_attention(gm)
+            changed += n
+            notes.append(f"fused {n} attention(s) (matmul-softmax-matmul)")
+        if self.config.fuse_epilogues:
+            counts = fuse_epilogues(gm)
+            changed += sum(counts.values())
+            notes.append("epilogues moved onto the matmul output: " + ", ".join(
+                f"{what} {n}" for what, n in counts.items()))
+            notes.append(f"conv+add+activation: {count_conv_epilogues(gm)} (fused by the "
+                         "lowering as they are)")
         if changed:
             remove_unused_constants(gm)
             gm.recompile()
