@@ -164,6 +164,7 @@ def group(nodes: Iterable[fx.Node], outputs: set | None = None) -> list[Kernel]:
         kernels_of[n] = k
     for k in kernels:
         _reads_writes(k, kernels_of, inside, outputs)
+    kernels = [part for k in kernels for part in _split_attention(k)]
     return kernels + _layout_kernels(kernels, kernels_of)
 
 
@@ -192,6 +193,52 @@ def _reads_writes(k: Kernel, kernels_of: dict, inside: set, outputs: set) -> Non
         leaves = n in outputs or any(u not in inside for u in users)
         if leaves or any(kernels_of.get(u) is not k for u in users):
             k.writes.append([n, tensor_bytes(n.meta.get("val")), leaves])
+
+
+ATTENTION_PAD = 16  # hwopt.lowering.attention pads the key length to a multiple of this
+
+
+def _split_attention(k: Kernel) -> list[Kernel]:
+    """A fused ``hwopt::attention`` node as the kernels its converter (hwopt.lowering.attention)
+    builds: K transposed (and padded), V padded when the key length is not a multiple of
+    `ATTENTION_PAD`, Q K^T with the scale and mask as epilogue, softmax over padded rows, P V
+    (with whatever element-wise ops fused after it)."""
+    lead = k.nodes[0] if k.nodes else None
+    if lead is None or k.cls != "bmm" or base_name(lead) != "attention" or not k.work.gemm:
+        return [k]
+    b, m, e, s = k.work.gemm
+    sp = -(-s // ATTENTION_PAD) * ATTENTION_PAD if isinstance(s, int) else s
+    size = 4 if k.work.dtype in ("float32", "int32") else 2
+    reads = {r.role: r for r in k.reads}
+    q, key, v = reads.get(0), reads.get(1), reads.get(2)
+    if q is None or key is None or v is None:
+        return [k]
+    kt_bytes, scores = b * sp * e * size, b * m * sp * size
+
+    def kern(cls, flops, macs, ins, out, nbytes, gemm=None, leaves=False):
+        work = Work(cls, flops, macs, k.work.dtype, tuple((r.key, r.nbytes) for r in ins),
+                    nbytes, gemm=gemm, row_bytes=sp * size if cls == "softmax" else 0)
+        return Kernel(cls, work, nodes=[], flops=flops, macs=macs, reads=list(ins),
+                      writes=[[out, nbytes, leaves]])
+
+    parts = [kern("layout", 0, 0, [key], ("kT", lead), kt_bytes)]
+    v_read = v
+    if sp != s:
+        parts.append(kern("layout", 0, 0, [v], ("vpad", lead), kt_bytes))
+        v_read = Read(("vpad", lead), kt_bytes, "inter", 1)
+    kt = Read(("kT", lead), kt_bytes, "inter", 1)
+    extra = [r for role, r in reads.items() if role >= 3]  # the mask
+    macs = b * m * sp * e
+    parts.append(kern("bmm", 2 * macs + 2 * b * m * sp, macs, [q, kt] + extra, ("s", lead),
+                      scores, gemm=(b, m, e, sp)))
+    parts.append(kern("softmax", 5 * b * m * sp, 0, [Read(("s", lead), scores, "inter")],
+                      ("p", lead), scores))
+    pv = Kernel("bmm", Work("bmm", 2 * macs, macs, k.work.dtype, (), k.work.out_bytes,
+                            gemm=(b, m, sp, e)), nodes=list(k.nodes), flops=2 * macs
+                + (k.flops - k.work.flops), macs=macs, tail=k.tail,
+                reads=[Read(("p", lead), scores, "inter"), v_read]
+                + [r for r in k.reads if r.role == 2 and r is not v], writes=k.writes)
+    return parts + [pv]
 
 
 def _max_bytes(a, b):

@@ -58,8 +58,11 @@ def export_graph(gm: fx.GraphModule, path, *, opset: int | None = None,
     `inputs` default to zeros shaped like the graph's placeholders. Weights go into the .onnx
     file, or next to it (path + ".data") when over 1 GiB.
     """
+    from hwopt.lowering.attention import decompose
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    gm = decompose(gm)  # fused hwopt::attention -> the ATen ops ONNX knows
     inputs = _example_inputs(gm) if inputs is None else tuple(inputs)
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     external = _constant_bytes(gm) > _EXTERNAL_DATA_BYTES

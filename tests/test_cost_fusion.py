@@ -28,7 +28,7 @@ CASES = {
                                    nn.ReLU()), (torch.randn(1, 8, 16, 16),),
                      ["conv[convolution+relu]", "to_nhwc[]", "to_nchw[]"]),
     "linear_gelu": (nn.Sequential(nn.Linear(32, 64), nn.GELU()), (torch.randn(1, 8, 32),),
-                    ["matmul[addmm]", "elementwise[gelu]"]),
+                    ["matmul[addmm+gelu]"]),
     "attention": (Attention(), tuple(torch.randn(1, 2, 8, 16) for _ in range(3))
                   + (torch.randn(1, 1, 8, 8),), None),
     "embedding": (Embed(), (torch.randint(0, 100, (1, 16)),),

@@ -204,3 +204,16 @@ def test_property_random_graphs_keep_their_meaning(case):
     """Any drawn model (no timestep, usually no repeated blocks): lazy_cache keeps its outputs
     within its declared bound (usually by leaving the graph as it is)."""
     assert_equivalent(case, "lazy_cache")
+
+
+def test_auto_executor_keeps_step_caches(dit):
+    """executor="auto" times the whole graph against eager on one repeated input, which for a
+    step cache only measures resets: the backend must keep the compiled graph (and its caches)."""
+    calibration = sample(dit, 1, steps=8)[1]
+    hwopt.step_cache.reset_cache()
+    fast = torch.compile(dit, backend="hwopt", options={
+        "passes": ["fuse", "lazy_cache"], "calibration": calibration, "executor": "auto",
+        "cache_dir": False, "pass_config": {"lazy_cache": FAST}})
+    sample(fast, 4, steps=8)
+    assert any(c.stats.hits for c in hwopt.step_cache.live_caches())
+    torch._dynamo.reset()
