@@ -100,8 +100,30 @@ def _flatten_exported(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         if name.startswith("_guards"):
             delattr(flat, name)
     graph.eliminate_dead_code()
+    _contiguous_inputs(graph)
     flat.recompile()
     return flat
+
+
+# Ops whose CPU kernels require a contiguous input, which core-ATen decompositions do not always
+# give them (diffusers' UNet2DModel: a cat of channels-last-strided tensors feeds group_norm, and
+# the decomposed program fails to run at all in PyTorch 2.13).
+_NEEDS_CONTIGUOUS = (torch.ops.aten.native_group_norm.default,)
+
+
+def _contiguous_inputs(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _NEEDS_CONTIGUOUS:
+            continue
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.is_contiguous():
+            continue
+        with graph.inserting_before(node):
+            copy_ = graph.call_function(torch.ops.aten.clone.default, (x,),
+                                        {"memory_format": torch.contiguous_format})
+        copy_.meta = {**x.meta, "val": val.contiguous()}
+        node.replace_input_with(x, copy_)
 
 
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None):
