@@ -1,4 +1,5 @@
-"""Benchmark of the lazy_cache pass: DDIM sampling with a DiTTransformer2DModel, cached vs not.
+"""Benchmark of the lazy_cache pass: DDIM sampling with a DiTTransformer2DModel (and a
+UNet2DModel), cached vs not.
 
 For each model size and step count: the model is compiled twice with hwopt.compile on the same
 captured graph, with passes ["fuse"] (full compute) and ["fuse", "lazy_cache"] (thresholds
@@ -9,7 +10,7 @@ share of block evaluations the cache skipped. Models are random-initialised from
 weights are downloaded), so the figures say how much a step cache skips on these models, not on
 a trained DiT.
 
-    .venv/bin/python benchmarks/bench_lazy_cache.py [--sizes S,M] [--steps 25,50]
+    .venv/bin/python benchmarks/bench_lazy_cache.py [--sizes S,M,UNet] [--steps 25,50]
         [--executor torch|tvm|auto] [--repeats 3]
 
 The default executor is "torch" (the rewritten graph runs in PyTorch): the ratio then isolates
@@ -53,6 +54,30 @@ class DiT(torch.nn.Module):
         return self.m(x, timestep=timestep, class_labels=y, return_dict=False)[0]
 
 
+class UNet(torch.nn.Module):
+    """diffusers UNet2DModel (unconditional; the class label is ignored). lazy_cache caches its
+    repeated sub-blocks (the attention/resnet ModuleLists of an up/down block)."""
+
+    def __init__(self, sample_size=32):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(0)
+        self.m = UNet2DModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(32, 64, 64), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D")).eval()
+        self.shape = (1, 4, sample_size, sample_size)
+
+    def forward(self, x, timestep, y):
+        return self.m(x, timestep, return_dict=False)[0]
+
+
+def build(size):
+    return UNet() if size == "UNet" else DiT(*SIZES[size])
+
+
 def sample(fn, shape, steps, seed, label):
     from diffusers import DDIMScheduler
 
@@ -70,7 +95,7 @@ def sample(fn, shape, steps, seed, label):
 
 
 def bench_one(size, steps, executor, repeats):
-    model = DiT(*SIZES[size])
+    model = build(size)
     shape = model.shape
     calibration = sample(model, shape, steps, 1, 3)[1] + sample(model, shape, steps, 2, 7)[1]
     example = calibration[0]
@@ -108,7 +133,7 @@ def bench_one(size, steps, executor, repeats):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="S,M")
+    ap.add_argument("--sizes", default="S,M,UNet", help="DiT sizes (S, M) and/or UNet")
     ap.add_argument("--steps", default="25,50")
     ap.add_argument("--executor", default="torch", choices=("torch", "tvm", "auto"))
     ap.add_argument("--repeats", type=int, default=3)
@@ -125,7 +150,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         for steps in (int(s) for s in args.steps.split(",")):
             r = bench_one(size, steps, args.executor, args.repeats)
-            print(f"| {size} {SIZES[size]} | {steps} | {r['eager_s']:.3f} | {r['full_s']:.3f} | "
+            label = f"{size} {SIZES.get(size, '')}"
+            print(f"| {label} | {steps} | {r['eager_s']:.3f} | {r['full_s']:.3f} | "
                   f"{r['cached_s']:.3f} | {r['ratio']:.2f} | {r['ratio_eager']:.2f} | "
                   f"{100 * r['skipped']:.0f}% | {r['psnr']:.1f} | {r['psnr_full']:.1f} | "
                   f"{r['applied']} |", flush=True)
