@@ -111,8 +111,13 @@ def fit(base: RooflineModel, samples: list[Measurement], prior: float = 0.05) ->
                                                                              o_ser)
         return np.bincount(a["owner"], weights=per_kernel, minlength=len(samples)) + o_call
 
+    # The pull towards `base` keeps rarely seen classes near their defaults; overheads are in
+    # every sample and need none (base's call overhead of 0 would bias them).
+    weights = np.full(len(th.theta0), prior)
+    weights[-3:] = prior / 50
+
     def residuals(theta):
-        return np.concatenate([np.log(predict(theta)) - measured, prior * (theta - th.theta0)])
+        return np.concatenate([np.log(predict(theta)) - measured, weights * (theta - th.theta0)])
 
     res = least_squares(residuals, th.theta0.clip(th.lo + 1e-9, th.hi - 1e-9),
                         bounds=(th.lo, th.hi), loss="soft_l1", f_scale=0.1)
