@@ -17,6 +17,19 @@ def acc_regs(lanes: int) -> int:
     """
     return 12 if lanes == 8 else 28
 
+
+def tile_fits(rows: int, vecs: int, lanes: int) -> bool:
+    """A ``rows x vecs`` accumulator tile that streams ``vecs`` weight vectors and one broadcast.
+
+    With 32 vector registers (AVX-512, NEON) the weights and the broadcast must fit beside the
+    accumulators: 7 x 4 vectors spilled and ran 1.5x slower than 6 x 4 on Zen 4. AVX2's 16
+    registers are too few for that; there LLVM streams the weights from L1 as memory operands
+    and the accumulator bound alone is what measured well on Zen 3.
+    """
+    if rows * vecs > acc_regs(lanes):
+        return False
+    return lanes == 8 or rows * vecs + vecs + 1 <= 32
+
 # Below this many scalar operations a parallel launch costs more than it saves.
 PARALLEL_MIN_WORK = 1 << 15
 

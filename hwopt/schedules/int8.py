@@ -35,13 +35,13 @@ from .common import (
     parallel_outer,
     reuse,
     round_up,
+    tile_fits,
     vectorize_tail,
 )
-from .conv2d import _conv_block, _schedule_pad
+from .conv2d import PREPACK, _conv_block, _schedule_pad
 from .dense import _mm_block, _schedule_copy, _shape
 
 _MIN_ROWS = 1
-PREPACK = "meta_schedule.layout_rewrite_preproc"
 _LLVM = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
 
 
@@ -128,7 +128,7 @@ class Conv2dNHWCInt16:
                 continue
             vecs = ob // lanes
             for rw in (7, 8, 14, 4, 6, 3, 5, 16, 2, 1):
-                if w % rw == 0 and vecs * rw <= acc_regs(lanes):
+                if w % rw == 0 and tile_fits(rw, vecs, lanes):
                     cands.append({"oc_block": ob, "reg_w": rw})
         # Most multiply-adds per load first; among equals the wider oc block (32x2 measured
         # up to 1.2x faster than 16x4 on Zen 3: fewer broadcasts per vpmaddwd).
@@ -265,7 +265,8 @@ def prepack_weights(mod, choices: dict) -> tuple:
     import tvm
     from tvm import relax
 
-    if not any(c.rule in (Conv2dNHWCInt16.name, DenseInt16.name) for c in choices.values()):
+    packs = (Conv2dNHWCInt16.name, DenseInt16.name)
+    if not any(c.rule in packs or dict(c.params).get("pack") for c in choices.values()):
         return mod, choices
     seq = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
                                     relax.transform.FoldConstant(),
