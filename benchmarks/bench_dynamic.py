@@ -99,9 +99,9 @@ def run(case, small: bool, cache_dir: str) -> list[dict]:
         fns.update({"eager": lambda a=args: model(*a), "hwopt": lambda a=args: fast(*a)})
         med = interleaved(fns, rounds=8, budget_s=10)
         row.update({f"{k} ms": v * 1e3 for k, v in med.items()})
-        row["hwopt/eager"] = med["hwopt"] / med["eager"]
+        row["hwopt/eager"] = med.ratio("hwopt", "eager")
         if "inductor" in med:
-            row["hwopt/inductor"] = med["hwopt"] / med["inductor"]
+            row["hwopt/inductor"] = med.ratio("hwopt", "inductor")
         rows.append(row)
     return rows
 

@@ -173,14 +173,14 @@ def bench_one(name, task, batch, executor, inductor, n_test):
     per = len(tests)
     row = {"model": name, "batch": batch, "eager_ms": 1e3 * times["eager"] / per,
            "full_ms": 1e3 * times["full"] / per, "exit_ms": 1e3 * times["exit"] / per,
-           "exit/full": times["exit"] / times["full"], "exit/eager": times["exit"] / times["eager"],
+           "exit/full": times.ratio("exit", "full"), "exit/eager": times.ratio("exit", "eager"),
            "skipped": f"{100 * stats[0].skipped_share:.0f}%" if stats else "-",
            "cosine": quality([(last(g),) for g in got], [(last(r),) for r in ref], "cosine"),
            "acc_full": acc("eager"), "acc_exit": acc("exit"), "full_err": full_err,
            "applied": rec.modified}
     if inductor:
         row["inductor_ms"] = 1e3 * times["inductor"] / per
-        row["exit/inductor"] = times["exit"] / times["inductor"]
+        row["exit/inductor"] = times.ratio("exit", "inductor")
     note = rec.reverted or " | ".join(rec.notes)
     hist = stats[0].summary() if stats else "no cascade"
     return row, f"{name} batch {batch}: {note}\n#   held-out: {hist} (compile {compile_s:.0f}s)"

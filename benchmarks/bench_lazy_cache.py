@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 from hwopt.passes.lazy_cache import quality  # noqa: E402
 
 import hwopt  # noqa: E402
+from hwopt.bench import Timings  # noqa: E402
 from hwopt.step_cache import step_caches  # noqa: E402
 
 SIZES = {  # name: (layers, heads, head_dim, sample_size)
@@ -120,11 +120,11 @@ def bench_one(size, steps, executor, repeats):
         c.stats.__init__()
     sample(cached, shape, steps, 5, 11)  # once more, to count skips over one run
     skipped = caches[0].stats.skipped_share if caches else 0.0
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = Timings(times)  # one round per repeat: ratios paired round by round
     return {
         "size": size, "steps": steps, "eager_s": med["eager"], "full_s": med["full"],
-        "cached_s": med["cached"], "ratio": med["cached"] / med["full"],
-        "ratio_eager": med["cached"] / med["eager"], "skipped": skipped,
+        "cached_s": med["cached"], "ratio": med.ratio("cached", "full"),
+        "ratio_eager": med.ratio("cached", "eager"), "skipped": skipped,
         "psnr": quality([finals["cached"]], [finals["eager"]], "psnr"),
         "psnr_full": quality([finals["full"]], [finals["eager"]], "psnr"),
         "applied": rec.modified, "compile_s": compile_s, "note": rec.reverted or rec.notes[-1],

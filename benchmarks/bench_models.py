@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_models.py [--models cnn,bert] [--small] [--tune measure]
 
 Prints per model: median latencies measured round-robin in blocks of 5 calls (A×5 B×5 C×5 ...,
-the first call of each block not counted), their ratios, the ratios under strict per-call
+the first call of each block not counted), their ratios (medians of the per-round ratios: the
+machine's speed drifts, a round pairs what it compares), the ratios under strict per-call
 alternation ("alt:", where switching between PyTorch's and TVM's thread pools costs extra), the
 max relative error against eager, first-compile times (cold cache), a cache-hit compile time and
 RSS growth. Exits non-zero only on a crash, never on a slow figure.
@@ -52,13 +53,13 @@ def run(name: str, small: bool, tune: str, cache_dir: str) -> dict:
         row["inductor rel err"] = rel_error(inductor(*args), ref)
         fns = {"eager": lambda: model(*args), "inductor": lambda: inductor(*args),
                "hwopt": lambda: again(*args)}
-        med = interleaved(fns)
+        med = interleaved(fns, rounds=20)
         alt = interleaved(fns, rounds=20, block=1)
     row.update({f"{k} ms": v * 1e3 for k, v in med.items()})
-    row["hwopt/eager"] = med["hwopt"] / med["eager"]
-    row["hwopt/inductor"] = med["hwopt"] / med["inductor"]
-    row["alt: hwopt/eager"] = alt["hwopt"] / alt["eager"]
-    row["alt: hwopt/inductor"] = alt["hwopt"] / alt["inductor"]
+    row["hwopt/eager"] = med.ratio("hwopt", "eager")
+    row["hwopt/inductor"] = med.ratio("hwopt", "inductor")
+    row["alt: hwopt/eager"] = alt.ratio("hwopt", "eager")
+    row["alt: hwopt/inductor"] = alt.ratio("hwopt", "inductor")
     return row
 
 

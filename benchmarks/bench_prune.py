@@ -86,8 +86,8 @@ def run_digits(schemes) -> list[dict]:
                      "acc eager": accuracy(model, xte, yte), "acc dense": accuracy(dense, xte, yte),
                      "acc pruned": accuracy(pruned, xte, yte),
                      **{f"{k} ms": v * 1e3 for k, v in med.items()},
-                     "pruned/dense": med["pruned"] / med["dense"],
-                     "pruned/inductor": med["pruned"] / med["inductor"],
+                     "pruned/dense": med.ratio("pruned", "dense"),
+                     "pruned/inductor": med.ratio("pruned", "inductor"),
                      "compile s": f"{td:.0f}/{tp:.0f}"})
     return rows
 
@@ -140,8 +140,8 @@ def curve(name: str, model, args, calib, schemes) -> list[dict]:
             db = sqnr(want, first_tensor(pruned(*args)))
         rows.append({"model": name, "prune": _label(cfg), **sparse_summary(pruned),
                      "SQNR dB": db, **{f"{k} ms": v * 1e3 for k, v in med.items()},
-                     "pruned/dense": med["pruned"] / med["dense"],
-                     "pruned/inductor": med["pruned"] / med["inductor"],
+                     "pruned/dense": med.ratio("pruned", "dense"),
+                     "pruned/inductor": med.ratio("pruned", "inductor"),
                      "compile s": f"{tp:.0f}"})
         print(table(rows[-1:], list(rows[-1])), flush=True)
     return rows

@@ -103,8 +103,8 @@ def timings(model, fp32, int8, inductor, args) -> dict:
            "hwopt fp32": lambda: fp32(*args), "hwopt int8": lambda: int8(*args)}
     med = interleaved(fns, rounds=12)
     row = {f"{k} ms": v * 1e3 for k, v in med.items()}
-    row["int8/fp32"] = med["hwopt int8"] / med["hwopt fp32"]
-    row["int8/inductor"] = med["hwopt int8"] / med["inductor"]
+    row["int8/fp32"] = med.ratio("hwopt int8", "hwopt fp32")
+    row["int8/inductor"] = med.ratio("hwopt int8", "inductor")
     return row
 
 

@@ -34,31 +34,50 @@ def rel_error(got, want) -> float:
     return float((g - w).abs().max() / w.abs().max().clamp_min(1e-12))
 
 
+class Timings(dict):
+    """Median seconds per call of each function (a dict), with the per-round block medians.
+
+    This machine's speed drifts by up to 2x over seconds (shared host); `ratio` pairs the
+    functions round by round, so a slow phase slows both sides of a ratio alike.
+    """
+
+    def __init__(self, rounds: dict[str, list[float]]):
+        super().__init__({k: statistics.median(v) for k, v in rounds.items()})
+        self.rounds = rounds
+
+    def ratio(self, a: str, b: str) -> float:
+        """Median over rounds of (time of `a` / time of `b`) measured in the same round."""
+        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 12, warmup: int = 3,
-                budget_s: float = 30.0, block: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function, measured round-robin in blocks (A×5 B×5 ...).
+                budget_s: float = 30.0, block: int = 5) -> Timings:
+    """Seconds per call of each function, measured round-robin in blocks (A×5 B×5 ...).
 
     Each block's first call is not counted: it pays for switching runtimes (PyTorch's OpenMP
     workers spin after a PyTorch call and slow a TVM call that follows, and the reverse), which a
-    model running on its own does not pay. ``block=1`` gives strict per-call alternation.
+    model running on its own does not pay. ``block=1`` gives strict per-call alternation (then a
+    round's figure is its one call).
     """
     with torch.no_grad():
         for _ in range(warmup):
             for f in fns.values():
                 f()
-        times = {k: [] for k in fns}
+        per_round = {k: [] for k in fns}
         t_start = time.perf_counter()
         for _ in range(rounds):
             for k, f in fns.items():
                 if block > 1:
                     f()
+                times = []
                 for _ in range(max(block - 1, 1)):
                     t = time.perf_counter()
                     f()
-                    times[k].append(time.perf_counter() - t)
-            if time.perf_counter() - t_start > budget_s and len(times[k]) >= 5:
+                    times.append(time.perf_counter() - t)
+                per_round[k].append(statistics.median(times))
+            if time.perf_counter() - t_start > budget_s and len(per_round[k]) >= 5:
                 break
-    return {k: statistics.median(v) for k, v in times.items()}
+    return Timings(per_round)
 
 
 def rss_mb() -> float:

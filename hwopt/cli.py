@@ -120,8 +120,8 @@ def cmd_bench(a) -> int:
     med = interleaved({"eager": lambda: model(*args), "inductor": lambda: ind(*args),
                        "hwopt": lambda: fast(*args)})
     row = {f"{k} ms": v * 1e3 for k, v in med.items()}
-    row.update({"hwopt/eager": med["hwopt"] / med["eager"],
-                "hwopt/inductor": med["hwopt"] / med["inductor"], "rel err": err})
+    row.update({"hwopt/eager": med.ratio("hwopt", "eager"),
+                "hwopt/inductor": med.ratio("hwopt", "inductor"), "rel err": err})
     print(table([row], list(row)))
     return EXIT_OK
 

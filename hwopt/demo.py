@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                            "hwopt": lambda f=fast, a=args: f(*a)}, rounds=20)
         rows.append({"model": name, "input": "x".join(map(str, args[0].shape)),
                      "compile s": compile_s, "eager ms": med["eager"] * 1e3,
-                     "hwopt ms": med["hwopt"] * 1e3, "speedup": med["eager"] / med["hwopt"],
+                     "hwopt ms": med["hwopt"] * 1e3, "speedup": med.ratio("eager", "hwopt"),
                      "max rel err": rel_error(out, ref)})
         print(f"{name}: {rows[-1]['speedup']:.2f}x faster than eager", flush=True)
     print(table(rows, ["model", "input", "compile s", "eager ms", "hwopt ms", "speedup",
