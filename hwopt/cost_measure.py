@@ -116,7 +116,8 @@ def build(sub: fx.GraphModule, inputs: tuple, target, export_to: Path | None = N
 
     low, tvm_target = target.lowering, target.tvm()
     t0 = time.perf_counter()
-    mod = low.prepare(to_relax(canonicalize(sub), inputs), tvm_target)
+    mod = low.prepare(to_relax(canonicalize(sub), inputs,
+                                   getattr(low, "int8_dot", "i16")), tvm_target)
     mod, _ = low.schedule(mod, tvm_target)
     funcs = {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
     ex = low.build(mod, tvm_target)

@@ -12,6 +12,7 @@ import os
 
 from hwopt.cost import RooflineModel
 from hwopt.cost_machine import MachineCostModel
+from hwopt.lowering.llvm import LLVMLowering
 from hwopt.target import Target, TargetSpec
 
 FMA_UNITS = 2  # fused multiply-add pipes per core on current x86 cores
@@ -45,6 +46,19 @@ def host_lanes() -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=None)
+def host_int8_dot() -> str:
+    """"vnni" where the host has AVX-512 VNNI (vpdpbusd: uint8 x int8, 4 products per int32
+    lane), else "i16" (vpmaddwd: int16 pairs); see ``hwopt.lowering.qdq.converters``."""
+    import tvm
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    t = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
+    if host_lanes() == 16 and llvm_cpu_has_features(["avx512vnni"], t):
+        return "vnni"
+    return "i16"
+
+
 def tvm_target() -> dict:
     return {"kind": "llvm", "mcpu": host_mcpu(), "num-cores": host_cores()}
 
@@ -70,8 +84,10 @@ def _spec() -> TargetSpec:
               ("L2", 512 * 2**10 * cores, 32 * _ghz() * 1e9 * cores, 2e-12),
               ("L3", 32 * 2**20, 16 * _ghz() * 1e9 * cores, 8e-12),
               ("DRAM", 0, DRAM_BW, 60e-12))
+    # int8 multiply-adds per fp32 FMA slot: 4 with vpdpbusd, 2 with vpmaddwd (which needs an add)
+    int8 = (4 if host_int8_dot() == "vnni" else 2) * fp32
     return TargetSpec(
-        peak_flops={"float32": fp32, "int8": 4 * fp32}, mem_bw=DRAM_BW,
+        peak_flops={"float32": fp32, "int8": int8}, mem_bw=DRAM_BW,
         on_chip_bytes=32 * 2**20, vector_lanes=lanes, cores=cores,
         dtypes=("float32", "int8"), sparsity_formats=(),
         mem_levels=levels, energy_per_mac={"float32": 2e-12, "int8": 0.3e-12},
@@ -85,4 +101,5 @@ TARGET = Target(
     spec=_SPEC,
     cost_model=MachineCostModel(RooflineModel.from_spec(_SPEC), "cpu"),
     tvm_target=tvm_target, runs_here=lambda: True,
-    default_passes=("fuse",), schedule_lanes=_SPEC.vector_lanes)
+    default_passes=("fuse",), schedule_lanes=_SPEC.vector_lanes,
+    lowering=LLVMLowering(_SPEC.vector_lanes, int8_dot=host_int8_dot()))

@@ -15,10 +15,14 @@ class LLVMLowering:
 
     `cross_compiler` names a C++ compiler driver (e.g. ``aarch64-linux-gnu-g++``) used to link the
     shared library when the code is for another machine; None links with the host's compiler.
+    `int8_dot` is the integer dot product quantized layers are imported for ("i16" or "vnni",
+    see ``hwopt.lowering.qdq.converters``).
     """
 
-    def __init__(self, lanes: int, cross_compiler: str | None = None, conv_layout: str = "NHWC"):
+    def __init__(self, lanes: int, cross_compiler: str | None = None, conv_layout: str = "NHWC",
+                 int8_dot: str = "i16"):
         self.lanes, self.cross_compiler, self.conv_layout = lanes, cross_compiler, conv_layout
+        self.int8_dot = int8_dot
 
     def prepare(self, mod, tvm_target):
         from hwopt.lowering.relax_import import prepare

@@ -13,7 +13,10 @@ Input: a region of the ATen graph in the quantized-graph contract that the ``qua
    requantize epilogue (``acc * (s_x * s_w[c]) + bias``, relu, ``round(* 1/s_y) + y_zp``, clip,
    int8) which FuseOps/FuseTIR fuse into the integer kernel. Leftover Q/DQ ops become elementwise
    Relax ops. The schedule rules in ``hwopt.schedules.int8`` map the int16 dot products onto
-   AVX2 ``vpmaddwd`` (16 MACs per instruction; no saturation, unlike ``vpmaddubsw``).
+   AVX2 ``vpmaddwd`` (16 MACs per instruction; no saturation, unlike ``vpmaddubsw``). On CPUs
+   with AVX-512 VNNI (``converters("vnni")``) activations become uint8 (``x + 128``) against
+   int8 weights, the zero point is taken out by a per-channel constant, and the rules map the
+   dot products onto ``vpdpbusd`` (64 MACs per instruction, accumulating in place).
 
 The integer result equals the fake-quant reference up to 1 LSB of the output scale (the fp32
 reference sums its products with rounding; the integer kernel sums exactly): `max_output_lsb`
@@ -304,6 +307,60 @@ def _qlinear(node, imp):
     return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1))
 
 
+def _shifted_u8(e: _Emitter, x):
+    """int8 values + 128 as uint8 (the VNNI operand): exact, zero point moves by +128."""
+    return e("astype", e("add", e("astype", x, "int16"), e.const(128, "int16")), "uint8")
+
+
+def _zero_point_term(e: _Emitter, w, zp: int, axes: list[int], shape):
+    """``zp * sum(w)`` over the reduction axes, per output channel (folds on constant w)."""
+    wsum = e("sum", e("astype", w, "int32"), axis=axes)
+    return e("reshape", e("multiply", wsum, e.const(zp, "int32")), shape)
+
+
+def _pad4(n: int) -> int:
+    return -n % 4
+
+
+def _qconv2d_u8(node, imp):
+    """VNNI form: ``sum((x + 128) * w) - (x_zp + 128) * sum(w)`` with uint8 x and int8 w.
+
+    The input is padded with its own zero point (a real 0), so the correction is the same at
+    every output position; input channels are padded to a multiple of 4 (vpdpbusd multiplies
+    groups of four) with zero weights.
+    """
+    e = _Emitter(imp)
+    (x, w, bias, ws, xs, xz, ys, yz, stride, padding, dilation, groups,
+     relu) = imp.retrieve_args(node)
+    if groups != 1:
+        return _qconv2d(node, imp)
+    zp = xz + 128
+    cpad = _pad4(int(node.args[0].meta["val"].shape[1]))
+    ph, pw = padding
+    u = e("nn.pad", _shifted_u8(e, x), [0, 0, 0, cpad, ph, ph, pw, pw], pad_value=float(zp))
+    if cpad:
+        w = e("nn.pad", w, [0, 0, 0, cpad, 0, 0, 0, 0])
+    acc = e("nn.conv2d", u, w, strides=stride, padding=[0, 0], dilation=dilation,
+            data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
+    acc = e("subtract", acc, _zero_point_term(e, w, zp, [1, 2, 3], (1, -1, 1, 1)))
+    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1, 1, 1))
+
+
+def _qlinear_u8(node, imp):
+    """VNNI form of `_qlinear` (see `_qconv2d_u8`); K padded to a multiple of 4."""
+    e = _Emitter(imp)
+    x, w, bias, ws, xs, xz, ys, yz, relu = imp.retrieve_args(node)
+    zp = xz + 128
+    kpad = _pad4(int(node.args[0].meta["val"].shape[-1]))
+    u = _shifted_u8(e, x)
+    if kpad:
+        u = e("nn.pad", u, [0, 0, 0, kpad], pad_value=float(zp))
+        w = e("nn.pad", w, [0, 0, 0, kpad])
+    acc = e("matmul", u, e("permute_dims", w, [1, 0]), out_dtype="int32")
+    acc = e("subtract", acc, _zero_point_term(e, w, zp, [1], (1, -1)))
+    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1))
+
+
 CONVERTERS = {
     "quantize_per_tensor.default": _quantize,
     "dequantize_per_tensor.default": _dequantize,
@@ -311,3 +368,15 @@ CONVERTERS = {
     "qconv2d.default": _qconv2d,
     "qlinear.default": _qlinear,
 }
+
+# int8 dot-product flavours of the layer ops: "i16" (int16 x int16, vpmaddwd; any x86 with
+# AVX2, and the generic fallback) and "vnni" (uint8 x int8, vpdpbusd; AVX-512 VNNI).
+INT8_DOTS = ("i16", "vnni")
+
+
+def converters(int8_dot: str = "i16") -> dict:
+    if int8_dot not in INT8_DOTS:
+        raise ValueError(f"int8_dot must be one of {INT8_DOTS}, got {int8_dot!r}")
+    if int8_dot == "vnni":
+        return {**CONVERTERS, "qconv2d.default": _qconv2d_u8, "qlinear.default": _qlinear_u8}
+    return dict(CONVERTERS)

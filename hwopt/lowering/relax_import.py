@@ -13,10 +13,12 @@ import tvm
 from tvm import relax
 
 
-def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tvm.IRModule:
+def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
+             int8_dot: str = "i16") -> tvm.IRModule:
     """Import an ATen-level GraphModule (constants as get_attr) into Relax.
 
     Constants become Relax constants, so layout changes of weights fold at compile time.
+    `int8_dot` picks the integer form of quantized layers (``hwopt.lowering.qdq.converters``).
     """
     from tvm.relax.frontend.torch import from_exported_program
 
@@ -25,7 +27,7 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...])
     convert = None
     if qdq.has_quantized(gm):  # int8 layers -> integer kernels (see hwopt.lowering.qdq)
         qdq.fuse_int8_layers(gm)  # pruned layers (hwopt::sparse_*) -> hwopt.lowering.sparse
-        convert = {**qdq.CONVERTERS, **sparse.CONVERTERS, **attention.CONVERTERS}
+        convert = {**qdq.converters(int8_dot), **sparse.CONVERTERS, **attention.CONVERTERS}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)

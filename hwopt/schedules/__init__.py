@@ -21,7 +21,7 @@ from .conv2d import Conv2dNHWC
 from .dense import Dense
 from .fastmath import use_fast_math
 from .injective import Injective
-from .int8 import Conv2dNHWCInt16, DenseInt16, prepack_weights
+from .int8 import I16, VNNI, Conv2dNHWCDot, DenseDot, prepack_weights
 from .measure import measure_func, measuring_pick
 from .reduction import Reduction
 from .sparse import SparseIndexed
@@ -54,10 +54,11 @@ class Rule(Protocol):
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc: ...
 
 
-# The integer rules come first: they match only int16 x int16 -> int32 blocks (quantized layers);
-# the sparse rule matches only the kernel of pruned layers (hwopt.lowering.sparse).
-RULES: list[Rule] = [SparseIndexed(), Conv2dNHWCInt16(), DenseInt16(), Conv2dNHWC(), Dense(),
-                     Reduction(), Injective()]
+# The integer rules come first: they match only int16 x int16 or uint8 x int8 -> int32 blocks
+# (quantized layers); the sparse rule matches only the kernel of pruned layers
+# (hwopt.lowering.sparse).
+RULES: list[Rule] = [SparseIndexed(), Conv2dNHWCDot(VNNI), DenseDot(VNNI), Conv2dNHWCDot(I16),
+                     DenseDot(I16), Conv2dNHWC(), Dense(), Reduction(), Injective()]
 
 Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 

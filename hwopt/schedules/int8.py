@@ -1,8 +1,15 @@
-"""Schedule rules for the integer kernels of quantized layers (int16 x int16 -> int32 + epilogue).
+"""Schedule rules for the integer kernels of quantized layers (integer dot products + epilogue).
 
 Input: the PrimFuncs that ``hwopt.lowering.qdq`` produces for int8 layers: an NHWC conv2d or a
-matmul whose operands are int8 values widened to int16 (activation minus its zero point) and
-whose int32 accumulator feeds a fused requantize epilogue.
+matmul whose int32 accumulator feeds a fused requantize epilogue, with operands either int8 values
+widened to int16 (activation minus its zero point; ``I16``) or uint8 activations (``x + 128``)
+against int8 weights (``VNNI``, AVX-512 VNNI only). Each rule is parametrized by its `Dot`:
+operand dtypes, the products per int32 lane of one instruction (k) and the tensor intrinsic.
+
+VNNI: ``vpdpbusd`` multiplies four u8 x s8 pairs per int32 lane and adds them into the
+accumulator in the same instruction (no saturation; ``vpdpbusds`` would saturate), 4x the
+multiply-adds of an fp32 FMA. The kernels are the same templates with k = 4 (weights packed as
+(L outputs x 4 k) slabs, input channels padded to a multiple of 4 by the importer).
 
 x86 without VNNI has no int8 dot-product instruction that cannot overflow: ``vpmaddubsw`` adds two
 u8 x s8 products into a *saturating* int16. ``vpmaddwd`` (int16 x int16, pairs summed into int32)
@@ -22,6 +29,7 @@ vector pipes, which caps the gain below the 2x that the multiply count alone sug
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
@@ -43,6 +51,24 @@ from .dense import _mm_block, _schedule_copy, _shape
 
 _MIN_ROWS = 1
 _LLVM = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
+
+
+@dataclass(frozen=True)
+class Dot:
+    """An integer dot-product instruction: `k` products of (a, b) per int32 lane."""
+
+    name: str
+    a: str  # dtype of the broadcast operand (activations)
+    b: str  # dtype of the packed operand (weights)
+    k: int
+    lanes: tuple[int, ...]  # vector widths (int32 lanes) it exists for
+
+    def intrin(self, lanes: int) -> str:
+        return vnni_intrin() if self.name == "vnni" else dot_intrin(lanes)
+
+
+I16 = Dot("int16", "int16", "int16", 2, tuple(_LLVM))
+VNNI = Dot("vnni", "uint8", "int8", 4, (16,))
 
 
 def _make_intrin(lanes: int):
@@ -85,13 +111,54 @@ def dot_intrin(lanes: int) -> str:
     return name
 
 
-def _int16_mac(sch: s_tir.Schedule, block) -> bool:
-    """An int32 accumulation of products of two int16 operands."""
+@T.prim_func(s_tir=True)
+def _vnni_desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 4), "int8", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+               B: T.Buffer((16, 4), "int8", offset_factor=1),
+               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    # TVM's own VNNI_DOT_16x4_INTRIN passes <16 x i32> operands, which the LLVM in the
+    # 0.27 wheels rejects (its vpdpbusd.512 takes <64 x i8>).
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a = T.reinterpret(T.broadcast(quad, 16), dtype="int8x64")
+        b = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a, b, dtype="int32x16")
+
+
+def vnni_intrin() -> str:
+    """Name of the registered ``vpdpbusd`` (AVX-512 VNNI) tensor intrinsic, 16 x 4 u8 x s8."""
+    name = "hwopt_dot_16x4_u8i8i32_vnni"
+    try:
+        TensorIntrin.get(name)
+    except Exception:  # noqa: BLE001 - not registered yet
+        TensorIntrin.register(name, _vnni_desc, _vnni_impl)
+    return name
+
+
+def _int_mac(sch: s_tir.Schedule, block, dot: Dot) -> bool:
+    """An int32 accumulation of products of `dot`'s operand dtypes (activation first)."""
     blk = sch.get(block)
     if str(blk.writes[0].source.dtype) != "int32":
         return False
     reads = [r for r in blk.reads if not r.source.same_as(blk.writes[0].source)]
-    return len(reads) == 2 and all(str(r.source.dtype) == "int16" for r in reads)
+    return len(reads) == 2 and [str(r.source.dtype) for r in reads] == [dot.a, dot.b]
 
 
 def _split_epilogue(sch: s_tir.Schedule, main) -> tuple[list[str], list[str]]:
@@ -100,25 +167,26 @@ def _split_epilogue(sch: s_tir.Schedule, main) -> tuple[list[str], list[str]]:
     return names[:pos], names[pos + 1:]
 
 
-class Conv2dNHWCInt16:
-    """NHWC int16 conv2d (non-grouped, even input channels) on vpmaddwd, register-tiled."""
+class Conv2dNHWCDot:
+    """NHWC integer conv2d (not grouped, input channels a multiple of k) on `dot`, tiled."""
 
-    name = "conv2d_nhwc_int16"
+    def __init__(self, dot: Dot):
+        self.dot, self.name = dot, f"conv2d_nhwc_{dot.name}"
 
     def match(self, func: tirx.PrimFunc) -> bool:
         sch = s_tir.Schedule(func)
         conv = _conv_block(sch)
-        if conv is None or not _int16_mac(sch, conv):
+        if conv is None or not _int_mac(sch, conv, self.dot):
             return False
         ic = extents(sch, sch.get_loops(conv))[6]
         blk = sch.get(conv)
         f = blk.iter_vars[3].var
         data = next(r.source for r in blk.reads if not r.source.same_as(blk.writes[0].source)
                     and not any(_uses(rg.min, f) for rg in r.region))
-        return ic % 2 == 0 and int(data.shape[-1]) == ic  # not grouped
+        return ic % self.dot.k == 0 and int(data.shape[-1]) == ic  # not grouped
 
     def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
-        if lanes not in _LLVM:
+        if lanes not in self.dot.lanes:
             return []
         sch = s_tir.Schedule(func)
         _, _, w, oc, *_ = extents(sch, sch.get_loops(_conv_block(sch)))
@@ -150,13 +218,14 @@ class Conv2dNHWCInt16:
         wo, wi = sch.split(w, [None, rw])
         oco, oci = sch.split(oc, [None, ob])
         ov, ol = sch.split(oci, [None, lanes])
-        rco, rci = sch.split(rc, [None, 2])
+        k = self.dot.k
+        rco, rci = sch.split(rc, [None, k])
         sch.reorder(n, h, oco, wo, rh, rw_, rco, wi, ov, ol, rci)
         sch.reverse_compute_at(cache, wo)
         sch.parallel(sch.fuse(n, h, oco))
-        _pack(sch, conv, lambda a, b, c, d: (d // ob, a, b, c // 2, d % ob, c % 2), 3, lanes)
+        _pack(sch, conv, lambda a, b, c, d: (d // ob, a, b, c // k, d % ob, c % k), 3, lanes)
         sch.decompose_reduction(conv, rh)
-        sch.tensorize(ol, dot_intrin(lanes))
+        sch.tensorize(ol, self.dot.intrin(lanes))
         sch.unroll(ov)
         sch.unroll(wi)
         vectorize_tail(sch, sch.get_loops(cache)[-1], lanes)
@@ -188,26 +257,26 @@ def _uses(expr, var) -> bool:
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
-class DenseInt16:
-    """int16 matmul (activations [.., M, K] x weights [K, N]) on vpmaddwd, register-tiled."""
+class DenseDot:
+    """Integer matmul (activations [.., M, K] x weights [K, N]) on `dot`, register-tiled."""
 
-    name = "dense_int16"
+    def __init__(self, dot: Dot):
+        self.dot, self.name = dot, f"dense_{dot.name}"
 
     def match(self, func: tirx.PrimFunc) -> bool:
         sch = s_tir.Schedule(func)
         mm = _mm_block(sch)
-        if mm is None or not _int16_mac(sch, mm):
+        if mm is None or not _int_mac(sch, mm, self.dot):
             return False
         blk = sch.get(mm)
         return len(blk.iter_vars) == 3  # plain 2-D matmul (batched: fp32 rule)
 
     def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
-        if lanes not in _LLVM:
+        if lanes not in self.dot.lanes:
             return []
         sch = s_tir.Schedule(func)
         _, m, n, k = _shape(sch, _mm_block(sch))
-        # Weights are packed per call: worth it only when enough rows reuse them (not a GEMV).
-        if n % lanes or k % 2 or m < _MIN_ROWS:
+        if n % lanes or k % self.dot.k or m < _MIN_ROWS:
             return []
         cands = []
         for mr, vecs in ((4, 3), (6, 2), (3, 4), (4, 2), (2, 4), (1, 4), (2, 2), (1, 2), (1, 1)):
@@ -240,7 +309,8 @@ class DenseInt16:
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         jv, jl = sch.split(ji, [None, lanes])
-        ko, ki = sch.split(kk, [None, 2])
+        kd = self.dot.k
+        ko, ki = sch.split(kk, [None, kd])
         sch.reorder(jo, io, ko, ii, jv, jl, ki)
         sch.reverse_compute_at(cache, io)
         if epi and padded:  # the epilogue reads the padded tile: right after it, valid rows
@@ -249,9 +319,9 @@ class DenseInt16:
         parallel_outer(sch, [jo, io] if n // nr < 2 else [jo], m * n * k)
         for blk in copies:
             _schedule_copy(sch, sch.get_sblock(blk), lanes)
-        _pack(sch, mm, lambda a, b: (b // nr, a // 2, b % nr, a % 2), 1, lanes)
+        _pack(sch, mm, lambda a, b: (b // nr, a // kd, b % nr, a % kd), 1, lanes)
         sch.decompose_reduction(mm, ko)
-        sch.tensorize(jl, dot_intrin(lanes))
+        sch.tensorize(jl, self.dot.intrin(lanes))
         sch.unroll(jv)
         sch.unroll(ii)
         vectorize_tail(sch, sch.get_loops(cache)[-1], lanes)
@@ -265,8 +335,8 @@ def prepack_weights(mod, choices: dict) -> tuple:
     import tvm
     from tvm import relax
 
-    packs = (Conv2dNHWCInt16.name, DenseInt16.name)
-    if not any(c.rule in packs or dict(c.params).get("pack") for c in choices.values()):
+    if not any(c.rule.startswith(("conv2d_nhwc_", "dense_")) or dict(c.params).get("pack")
+               for c in choices.values()):
         return mod, choices
     seq = tvm.transform.Sequential([relax.transform.SplitLayoutRewritePreproc(),
                                     relax.transform.FoldConstant(),

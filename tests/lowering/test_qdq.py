@@ -1,5 +1,6 @@
 """Quantized graphs lowered to integer TVM kernels (hwopt.lowering.qdq, hwopt.schedules.int8)."""
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -12,6 +13,7 @@ import hwopt
 from hwopt.capture import from_module
 from hwopt.errors import LoweringError
 from hwopt.lowering.canonicalize import canonicalize
+from hwopt.lowering.llvm import LLVMLowering
 from hwopt.lowering.qdq import fold_requantize, fuse_int8_layers, max_output_lsb
 from hwopt.lowering.region import check_close
 from hwopt.lowering.relax_import import to_relax
@@ -22,6 +24,22 @@ from hwopt.schedules import schedule_module
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
 LANES = CPU.schedule_lanes
+RULE = {"i16": ("conv2d_nhwc_int16", "dense_int16"), "vnni": ("conv2d_nhwc_vnni", "dense_vnni")}
+INTRIN = {"i16": "pmadd", "vnni": "vpdpbusd"}
+
+
+def _dots():
+    """The integer forms this host runs: int16 pairs on any AVX2/AVX-512 x86, VNNI where present."""
+    out = [pytest.param("i16", marks=pytest.mark.skipif(
+        LANES not in (8, 16), reason="vpmaddwd kernels are for x86 AVX2/AVX-512"))]
+    out.append(pytest.param("vnni", marks=pytest.mark.skipif(
+        CPU.lowering.int8_dot != "vnni", reason="this CPU has no AVX-512 VNNI")))
+    return out
+
+
+def _target(dot: str):
+    """The cpu target with quantized layers imported for `dot`."""
+    return dataclasses.replace(CPU, lowering=LLVMLowering(LANES, int8_dot=dot))
 
 
 class Net(nn.Module):
@@ -86,32 +104,37 @@ def test_fold_requantize_moves_int8_values():
     assert torch.equal(gm(q), want)
 
 
-def _scheduled(gm, x):
+def _scheduled(gm, x, dot: str = "i16"):
     t = CPU.tvm()
-    mod = CPU.lowering.prepare(to_relax(canonicalize(gm), (x,)), t)
+    mod = CPU.lowering.prepare(to_relax(canonicalize(gm), (x,), dot), t)
     return schedule_module(mod, lanes=LANES)
 
 
-@pytest.mark.skipif(LANES not in (8, 16), reason="vpmaddwd kernels are for x86 AVX2/AVX-512")
-def test_int8_kernels_are_integer_arithmetic(net):
-    """The conv and matmul main loops are int16 x int16 -> int32 vpmaddwd, no float multiply."""
+INT_LOADS = {"i16": {"int16", "int32", "int16x2", "int16x16", "int16x32", "int32x8", "int32x16"},
+             "vnni": {"uint8x4", "int8x64", "int32", "int32x16"}}
+LL_OPERANDS = {"i16": ("<16 x i16>", "<32 x i16>"), "vnni": ("<64 x i8>",)}
+
+
+@pytest.mark.parametrize("dot", _dots())
+def test_int8_kernels_are_integer_arithmetic(net, dot):
+    """The conv and matmul main loops are integer dot products (int16 pairs on vpmaddwd, or
+    uint8 x int8 quads on vpdpbusd), with no float multiply."""
     _, x, gm = net
-    mod, choices = _scheduled(gm, x)
-    int_funcs = {k for k, c in choices.items() if c.rule in ("conv2d_nhwc_int16", "dense_int16")}
+    mod, choices = _scheduled(gm, x, dot)
+    int_funcs = {k for k, c in choices.items() if c.rule in RULE[dot]}
     assert sum("conv2d" in k for k in int_funcs) == 2 and sum("matmul" in k for k in int_funcs) == 1
     for name in int_funcs:
-        loop = _reduction_loop(mod[name])
+        loop = _reduction_loop(mod[name], INTRIN[dot])
         muls, calls = _arith(loop)
-        assert "pmadd" in " ".join(calls), name
+        assert INTRIN[dot] in " ".join(calls), name
         assert not [m for m in muls if m.startswith("float")], (name, muls)
         loads = _load_dtypes(loop)
-        assert loads and loads <= {"int16", "int32", "int16x2", "int16x16", "int16x32",
-                                   "int32x8", "int32x16"}, (name, loads)
+        assert loads and loads <= INT_LOADS[dot], (name, loads)
     lib = tvm.compile(tvm.IRModule({"main": mod[next(iter(int_funcs))].with_attr(
         "global_symbol", "main")}), target=CPU.tvm())
     ll = lib.mod.inspect_source("ll")
-    assert "llvm.x86.avx" in ll and "pmadd" in ll
-    assert "<16 x i16>" in ll or "<32 x i16>" in ll  # int16 vector operands
+    assert "llvm.x86.avx" in ll and INTRIN[dot] in ll
+    assert any(t in ll for t in LL_OPERANDS[dot])  # integer vector operands
 
 
 def _walk(obj, fn):
@@ -131,18 +154,18 @@ def _walk(obj, fn):
         info = info.parent_type_info
 
 
-def _reduction_loop(func):
+def _reduction_loop(func, intrin: str):
     """The main loop: the outermost loop around the dot product without the init/write-back."""
     found = []
 
     def visit(node, key):
         text = str(node.body) if key == "tirx.For" else ""
         blocks = set(re.findall(r'sblock\("([^"]+)"', text))
-        if "pmadd" in text and blocks and all("update" in b for b in blocks):
+        if intrin in text and blocks and all("update" in b for b in blocks):
             found.append(node)
 
     _walk(func.body, visit)
-    assert found, "no loop around a vpmaddwd call"
+    assert found, f"no loop around a {intrin} call"
     return found[0]
 
 
@@ -174,15 +197,16 @@ def _load_dtypes(stmt):
     return out
 
 
-def test_compiled_int8_matches_fake_quant_within_one_lsb(net):
+@pytest.mark.parametrize("dot", _dots())
+def test_compiled_int8_matches_fake_quant_within_one_lsb(net, dot):
     model, x, gm = net
-    art = hwopt.compile(model, (x,), target=CPU, passes=["fuse", "quantize"],
+    art = hwopt.compile(model, (x,), target=_target(dot), passes=["fuse", "quantize"],
                         pass_config={"quantize": {"use_cost_model": False}},
                         calibration=[(torch.randn(x.shape),) for _ in range(3)],
                         executor="tvm", strict=True, cache_dir=False, progress=False)
     (region,) = art.compiled.regions
     assert region.executor == "tvm"
-    assert any(c[0] == "conv2d_nhwc_int16" for c in region.kernels.values())
+    assert any(c[0] == RULE[dot][0] for c in region.kernels.values())
     fake = art.compiled.graph  # the eager fake-quant graph the pass produced
     lsb = max_output_lsb(fake)
     for batch in (x, torch.randn(x.shape)):
@@ -205,8 +229,17 @@ def test_check_close_allows_requantization_rounding_only():
     with pytest.raises(LoweringError, match="LSB"):
         check_close(far, want, "r", lsb=lsb)
     shifted = want + lsb  # every value one step off: a wrong zero point
-    with pytest.raises(LoweringError, match="RMS"):
+    with pytest.raises(LoweringError, match="systematic"):
         check_close(shifted, want, "r", lsb=lsb)
+    flips = want.clone()  # many values a step off, both ways: rounding, not a wrong constant
+    flips[::10] += lsb
+    flips[5::10] -= lsb
+    check_close(flips, want, "r", lsb=lsb)
+    # An output much smaller than the region's largest scale, every value a step off either way
+    small = want / 10
+    noisy = small + lsb * torch.sign(torch.randn(1000, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(LoweringError, match="RMS"):
+        check_close(noisy, small, "r", lsb=lsb)
     q = torch.randint(-128, 127, (200,), dtype=torch.int8)
     check_close(q + (torch.arange(200) == 3).to(torch.int8), q, "r", lsb=lsb)
     with pytest.raises(LoweringError, match="steps"):
@@ -230,18 +263,19 @@ def test_torch_compile_backend_end_to_end():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dot", _dots())
 @pytest.mark.parametrize("rows", [1, 13])  # a GEMV, and rows the register tile must pad
-def test_linear_int8_kernel_rows(rows):
+def test_linear_int8_kernel_rows(rows, dot):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
-    x = torch.randn(rows, 32)
-    art = hwopt.compile(model, (x,), target=CPU, passes=["fuse", "quantize"],
+    # K = 34: not a multiple of 4 (VNNI pads it); N = 48 and 16: multiples of the lanes
+    model = nn.Sequential(nn.Linear(34, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
+    x = torch.randn(rows, 34)
+    art = hwopt.compile(model, (x,), target=_target(dot), passes=["fuse", "quantize"],
                         pass_config={"quantize": {"use_cost_model": False}},
-                        calibration=[(torch.randn(rows, 32),) for _ in range(3)],
+                        calibration=[(torch.randn(rows, 34),) for _ in range(8)],
                         executor="tvm", strict=True, cache_dir=False, progress=False)
     (region,) = art.compiled.regions
-    if LANES in (8, 16):
-        assert [c[0] for c in region.kernels.values()].count("dense_int16") == 2
+    assert [c[0] for c in region.kernels.values()].count(RULE[dot][1]) == 2
     fake = art.compiled.graph
     with torch.no_grad():
         got, want = art(x), fake(x)[0]
