@@ -20,6 +20,11 @@ Steps (`passes.prune_plan` holds 1-4):
 6. each pruned layer rewritten into ``hwopt::sparse_conv2d`` / ``hwopt::sparse_linear`` with
    compact weights (`hwopt.sparse.layout`), which ``hwopt.lowering.sparse`` lowers to the sparse
    TVM kernel. `export_masks` gives the masks back (for fine-tuning elsewhere).
+
+Masks are shared by blocks of ``share`` consecutive filters (default: the target's vector width):
+each block keeps the same entries, so the kernel (``hwopt.lowering.sparse_block``) vectorizes over
+the block's filters like a dense conv and its time falls with the density; ``share=1`` gives
+one mask per filter (per-kernel patterns), compiled to a slower gather kernel.
 """
 from __future__ import annotations
 
@@ -55,8 +60,12 @@ class PruneConfig:
     latency: float | None = None  # or: predicted latency of the layers, fraction of dense
     patterns: int = 8  # size of the kernel-pattern library
     nm: tuple[int, int] = (2, 4)
-    nm_rows: int = 1  # output rows sharing one N:M choice (>1: input loads reused across them)
-    block: tuple[int, int] = (8, 16)  # (filters, columns) per block
+    # Consecutive filters (output rows) that share their mask: 0 = the target's vector width
+    # (the kernel then vectorizes over them and runs at the dense FLOP rate); 1 = one mask per
+    # filter (PatDNN's per-kernel patterns; a slower gather kernel).
+    share: int = 0
+    nm_rows: int = 0  # rows sharing one N:M choice; 0 = `share`
+    block: tuple[int, int] = (0, 16)  # (filters, columns) per block; 0 filters = `share`
     reconstruct: bool = True  # refit kept weights by least squares on the calibration data
     use_cost_model: bool = True  # False: prune to the target even where no gain is predicted
     min_sqnr_db: float = 8.0  # no layer pruned below this output SQNR (after the refit)
@@ -79,6 +88,9 @@ class PruneConfig:
             raise OptionError(f"prune: nm must be (N, M) with 0 < N < M, got {self.nm!r}")
         if isinstance(self.skip, str):
             raise OptionError(f"prune: skip must be a list of names, got {self.skip!r}")
+        if self.share < 0 or self.nm_rows < 0:
+            raise OptionError(f"prune: share and nm_rows must be >= 0 (0 = automatic), got "
+                              f"share={self.share!r}, nm_rows={self.nm_rows!r}")
         object.__setattr__(self, "nm", nm)
         object.__setattr__(self, "block", tuple(int(v) for v in self.block))
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -172,22 +172,34 @@ def importance(p: Prunable) -> torch.Tensor:
     return p.weight.float() ** 2 * d.reshape(p.weight.shape[1:]).unsqueeze(0)
 
 
-def scheme_masks(p: Prunable, cfg) -> list[tuple[float, torch.Tensor, str]]:
+def share_of(p: Prunable, cfg, target) -> int:
+    """Filters sharing one mask in this layer: the configured (or the target's vector width,
+    for ``share=0``), halved until it divides the layer's output channels."""
+    want = cfg.share or max(int(getattr(target, "schedule_lanes", 1) or 1), 1)
+    o = p.weight.shape[0]
+    while want > 1 and o % want:
+        want //= 2
+    return want
+
+
+def scheme_masks(p: Prunable, cfg, share: int = 1) -> list[tuple[float, torch.Tensor, str]]:
     """(density, mask, label) for every level the scheme offers this layer, densest first."""
     imp = importance(p)
+    by = f", shared by {share} filters" if share > 1 else ""
     if cfg.scheme == "pattern":
         lib = masks.pattern_library(imp, cfg.patterns)
-        return [(4 / 9 * f, masks.pattern_mask(imp, f, lib),
-                 f"{cfg.patterns} patterns, {f:.0%} kernels kept") for f in PATTERN_KEEP]
+        return [(4 / 9 * f, masks.pattern_mask(imp, f, lib, share),
+                 f"{cfg.patterns} patterns, {f:.0%} kernels kept{by}") for f in PATTERN_KEEP]
     if cfg.scheme == "nm":
         n, m = cfg.nm
-        rows = f", rows share it by {cfg.nm_rows}" if cfg.nm_rows > 1 else ""
-        return [(n / m, masks.nm_mask(imp, n, m, cfg.nm_rows), f"{n}:{m}{rows}")]
+        rows = cfg.nm_rows or share
+        label = f"{n}:{m}" + (f", rows share it by {rows}" if rows > 1 else "")
+        return [(n / m, masks.nm_mask(imp, n, m, rows), label)]
+    r, c = cfg.block
+    r = r or share
     if cfg.scheme == "block_punched":
-        r, c = cfg.block
         return [(d, masks.block_punched_mask(imp, d, r, c), f"block-punched {r}x{c}")
                 for d in BLOCK_DENSITY]
-    r, c = cfg.block
     return [(d, masks.block_mask(imp, d, r, c), f"blocks {r}x{c}") for d in BLOCK_DENSITY]
 
 
@@ -219,7 +231,7 @@ def build_levels(p: Prunable, cfg, target) -> None:
     refits) and its predicted latency."""
     dense_lat = predicted_latency(p.layer.node, target, 1.0, cfg.sparse_efficiency)
     p.levels = [Level(1.0, None, 0.0, dense_lat, "dense")]
-    for density, mask, label in scheme_masks(p, cfg):
+    for density, mask, label in scheme_masks(p, cfg, share_of(p, cfg, target)):
         w = reconstruct(p.weight, mask, p.h) if cfg.reconstruct else p.weight * mask
         eff = cfg.shared_efficiency if layout.shared_rows(mask) >= 4 else cfg.sparse_efficiency
         lat = predicted_latency(p.layer.node, target, density, eff)

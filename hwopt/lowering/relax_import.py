@@ -44,6 +44,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target,
     ]
     if conv_layout == "NHWC":
         passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]}))
+        passes.append(_CancelTransposes())
     passes += [
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(),
@@ -55,6 +56,16 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target,
     ]
     with target:
         return tvm.transform.Sequential(passes)(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="hwopt.CancelTransposes")
+class _CancelTransposes:
+    """``hwopt.lowering.transposes.cancel_transposes`` as a module pass."""
+
+    def transform_module(self, mod, ctx):
+        from hwopt.lowering.transposes import cancel_transposes
+
+        return cancel_transposes(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:

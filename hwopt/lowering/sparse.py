@@ -14,11 +14,15 @@ row reads only its kept entries (``J``: 4 per kept kernel for pattern pruning, N
 for N:M), so skipped kernels are never touched; for a fixed (o, j) the inputs of consecutive
 output pixels are contiguous, so the inner loop is a plain vector FMA, no per-element index.
 A linear layer is the 1x1 case on ``x^T`` (tokens along the width). The width is padded to whole
-vectors and cropped after. ``hwopt.schedules.sparse`` schedules the kernel.
+vectors and cropped after. ``hwopt.schedules.sparse`` schedules the kernel. Layers whose filters
+share their entries in blocks of 4 or more (the prune pass's default) go to the filter-vectorized
+kernels of ``hwopt.lowering.sparse_block`` instead.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from hwopt.lowering import sparse_block
 
 ACC_BLOCK = "hwopt_sparse_acc"  # the schedule rule finds the kernel by this block name
 LANES = 8  # output width is padded to a multiple of this (>= the vector width in use)
@@ -132,10 +136,23 @@ def _emit(imp, x, shape, w, chan, tap, bias, kernel, stride, padding, dilation, 
     return y
 
 
+def _shape(arg) -> tuple[int, ...]:
+    return tuple(int(v) for v in arg.meta["val"].shape)
+
+
+def _group(node) -> int:
+    """Consecutive output channels sharing their entries: O / rows of the index table."""
+    return int(node.args[1].meta["val"].shape[0]) // int(node.args[2].meta["val"].shape[0])
+
+
 def _sparse_conv2d(node, imp):
     x, w, chan, tap, bias, kernel, stride, padding, dilation = imp.retrieve_args(node)
     shape = tuple(int(s) for s in node.args[0].meta["val"].shape)
     o = int(node.args[1].meta["val"].shape[0])
+    g = _group(node)
+    if g >= sparse_block.MIN_GROUP:
+        return sparse_block.emit_conv(imp, x, shape, w, _shape(node.args[1]), chan, tap, bias,
+                                      kernel, stride, padding, dilation, g)
     return _emit(imp, x, shape, w, chan, tap, bias, kernel, stride, padding, dilation, o)
 
 
@@ -144,6 +161,9 @@ def _sparse_linear(node, imp):
 
     bb = imp.block_builder
     x, w, chan, bias = imp.retrieve_args(node)
+    g = _group(node)
+    if g >= sparse_block.MIN_GROUP:
+        return sparse_block.emit_linear(imp, x, w, _shape(node.args[1]), chan, bias, g)
     m, k = (int(s) for s in node.args[0].meta["val"].shape)
     xt = bb.emit(relax.op.reshape(relax.op.permute_dims(x, [1, 0]), (1, k, 1, m)))
     tap = relax.const(np.zeros(tuple(node.args[2].meta["val"].shape), dtype="int32"))

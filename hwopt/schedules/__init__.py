@@ -25,6 +25,7 @@ from .int8 import I16, VNNI, Conv2dNHWCDot, DenseDot, prepack_weights
 from .measure import measure_func, measuring_pick
 from .reduction import Reduction
 from .sparse import SparseIndexed
+from .sparse_block import SparseBlockConv, SparseBlockLinear
 
 log = logging.getLogger("hwopt")
 
@@ -54,11 +55,12 @@ class Rule(Protocol):
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc: ...
 
 
-# The integer rules come first: they match only int16 x int16 or uint8 x int8 -> int32 blocks
-# (quantized layers); the sparse rule matches only the kernel of pruned layers
-# (hwopt.lowering.sparse).
-RULES: list[Rule] = [SparseIndexed(), Conv2dNHWCDot(VNNI), DenseDot(VNNI), Conv2dNHWCDot(I16),
-                     DenseDot(I16), Conv2dNHWC(), Dense(), Reduction(), Injective()]
+# The sparse rules match only the kernels of pruned layers (hwopt.lowering.sparse,
+# sparse_block), the integer rules only int16 x int16 or uint8 x int8 -> int32 blocks (quantized
+# layers); they come before the general rules.
+RULES: list[Rule] = [SparseBlockConv(), SparseBlockLinear(), SparseIndexed(), Conv2dNHWCDot(VNNI),
+                     DenseDot(VNNI), Conv2dNHWCDot(I16), DenseDot(I16), Conv2dNHWC(), Dense(),
+                     Reduction(), Injective()]
 
 Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 

@@ -38,14 +38,22 @@ def pattern_library(imp: torch.Tensor, k: int = 8, kept: int = 4) -> torch.Tenso
     return cands[votes.argsort(descending=True)[:k]].bool()
 
 
-def pattern_mask(imp: torch.Tensor, keep_kernels: float, library: torch.Tensor) -> torch.Tensor:
+def pattern_mask(imp: torch.Tensor, keep_kernels: float, library: torch.Tensor,
+                 share: int = 1) -> torch.Tensor:
     """Kernel patterns + connectivity pruning for a 3x3 conv.
 
     Each kernel takes the library pattern that keeps most of its importance; then each filter
     keeps its ``round(keep_kernels * C)`` kernels with the most kept importance (whole kernels,
-    i.e. input->output connections, removed).
+    i.e. input->output connections, removed). ``share > 1``: blocks of that many consecutive
+    filters choose together (by their summed importance), so every filter of a block keeps the
+    same input channels with the same pattern: the kernel then vectorizes over the block's
+    filters and reuses each input value for all of them (filter-kernel reorder made static).
     """
     o, c = imp.shape[:2]
+    if share > 1 and o % share == 0:
+        shared = imp.reshape(o // share, share, *imp.shape[1:]).sum(1)
+        block = pattern_mask(shared, keep_kernels, library)
+        return block.repeat_interleave(share, 0)
     flat = imp.reshape(o, c, 9).float()
     score = flat @ library.float().t()  # [O, C, k]
     best = score.argmax(2)

@@ -98,19 +98,57 @@ def test_sparse_linear_kernel_matches_pytorch():
                for rule, _ in r.kernels.values())
 
 
-def test_rows_sharing_entries_use_the_shared_tile():
+def _rules(art) -> list[str]:
+    return [rule for r in art.compiled.regions for rule, _ in r.kernels.values()]
+
+
+def test_rows_sharing_entries_use_the_filter_vectorized_kernel():
     w = torch.randn(32, 64)
     w = w * masks.nm_mask(w.abs(), 2, 4, rows=8)
     c = layout.compact(w)
     assert c.group == 8 and c.chan.shape == (4, 32)
     assert torch.equal(layout.expand(c, w.shape), w)
     art = _build(SparseLinear(w), torch.randn(32, 64))
-    params = [p for r in art.compiled.regions for rule, p in r.kernels.values()
-              if rule == "sparse_indexed"]
-    assert params and params[0].get("orow", 1) > 1
+    assert "sparse_block_linear" in _rules(art) and "sparse_indexed" not in _rules(art)
     conv = _pattern_weight(16, 8, 5)  # block-punched 5x5: blocks of 4 filters share columns
     assert layout.compact(conv).group == 4
-    _build(SparseConv(conv, padding=2), torch.randn(1, 8, 12, 12))
+    art = _build(SparseConv(conv, padding=2), torch.randn(1, 8, 12, 12))
+    assert "sparse_block_conv" in _rules(art)
+
+
+def _shared_pattern_weight(o, c, share, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, c, 3, 3, generator=g)
+    lib = masks.pattern_library(w ** 2, 8)
+    return w * masks.pattern_mask(w ** 2, 0.5, lib, share=share)
+
+
+@pytest.mark.parametrize("shape,stride,padding,dilation,rows", [
+    ((1, 8, 12, 12), 1, 1, 1, 23),   # odd token count for the linear case
+    ((2, 6, 11, 9), 2, 1, 1, 7),     # stride 2, odd sizes, batch 2
+    ((1, 8, 10, 10), 1, 2, 2, 128),  # dilation
+])
+@pytest.mark.parametrize("share", [4, 8, 16])
+def test_block_shared_kernels_match_pytorch(shape, stride, padding, dilation, rows, share):
+    w = _shared_pattern_weight(32, shape[1], share)
+    c = layout.compact(w)
+    assert c.group == share
+    art = _build(SparseConv(w, stride, padding, dilation), torch.randn(shape))
+    assert "sparse_block_conv" in _rules(art)
+    lw = torch.randn(32, 48)
+    lw = lw * masks.block_punched_mask(lw.abs(), 0.5, share, 16)
+    art = _build(SparseLinear(lw), torch.randn(rows, 48))
+    assert "sparse_block_linear" in _rules(art)
+
+
+def test_shared_pattern_mask_is_one_pattern_per_filter_block():
+    w = torch.randn(32, 8, 3, 3)
+    m = masks.pattern_mask(w ** 2, 0.5, masks.pattern_library(w ** 2, 8), share=16)
+    blocks = m.reshape(2, 16, 8, 9)
+    assert bool((blocks == blocks[:, :1]).all())  # every filter of a block: the same mask
+    kept = m.reshape(32, 8, 9).any(2)
+    assert bool((kept.sum(1) == 4).all())  # connectivity: half the kernels of every filter
+    assert bool((m.reshape(32, 8, 9).sum(2)[kept] == 4).all())  # 4-entry patterns
 
 
 @pytest.mark.parametrize("shape,stride", [((12, 8, 4, 4), 1), ((9, 6, 7, 5), 2)])
