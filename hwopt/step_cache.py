@@ -47,7 +47,8 @@ class _Entry:
     key: tuple  # shapes/dtypes of all inputs
     ints: list  # integer/bool inputs (class labels): a change invalidates the entry
     x: torch.Tensor  # primary input when the block was last computed
-    residual: torch.Tensor  # output - input then
+    residual: torch.Tensor  # output - input then (the output itself for an output cache)
+    l1: float  # |x|_1, the denominator of the relative change
 
 
 @dataclass
@@ -119,7 +120,7 @@ class StepCache(torch.nn.Module):
             del self.entries[index]  # a new batch, resolution or conditioning: never mix
             self.stats.invalidations += 1
             return None
-        change = float((x - entry.x).abs().sum() / entry.x.abs().sum().clamp_min(1e-12))
+        change = float(torch.dist(x, entry.x, 1)) / max(entry.l1, 1e-12)
         if self.record is not None:
             self.record[index].append(change)
         if self.enabled and change < self.thresholds[index]:
@@ -127,31 +128,36 @@ class StepCache(torch.nn.Module):
         return None
 
     def store(self, index: int, key: tuple, ints: list, x: torch.Tensor,
-              out: torch.Tensor) -> None:
+              out: torch.Tensor, residual: bool = True) -> None:
         old = self.entries.pop(index, None)
-        need = x.nbytes * 2
+        need = x.nbytes + out.nbytes
         if self.nbytes() + need > self.max_bytes:
             log.debug("hwopt: step cache full (%d bytes); block %d not cached", self.max_bytes,
                       index)
             return
         del old
-        self.entries[index] = _Entry(key, [i.clone() for i in ints], x.detach().clone(),
-                                     (out - x).detach())
+        # The graph is functional (nothing writes into x later), so x is kept, not copied.
+        x = x.detach()
+        kept = (out - x if residual else out).detach()
+        self.entries[index] = _Entry(key, [i.clone() for i in ints], x, kept,
+                                     float(torch.linalg.vector_norm(x, 1)))
 
 
 class LazyBlock(torch.nn.Module):
     """One repeated block behind the step cache: runs `block` or reuses its cached residual.
 
     Inputs: the step_begin token, then the block's inputs; `primary` indexes the block input
-    whose shape and dtype the output has (the hidden states); `exact` the inputs that must not
-    change for a cached residual to be reused (integer conditioning such as class labels; the
-    timestep is not among them)."""
+    whose change decides reuse: with `residual`, the one whose shape and dtype the output has
+    (the hidden states) and the cache holds output - input; without, the cache holds the output
+    itself. `exact` indexes the inputs that must not change for a cached value to be reused
+    (integer conditioning such as class labels; the timestep is not among them)."""
 
     def __init__(self, block: torch.nn.Module, cache: StepCache, index: int, primary: int,
-                 exact: tuple = ()):
+                 exact: tuple = (), residual: bool = True):
         super().__init__()
         self.block = block
         self.index, self.primary, self.exact = index, primary, tuple(exact)
+        self.residual = residual
         self._seen: tuple | None = None  # real inputs of one call, for the lowering
         self.__dict__["cache"] = cache  # shared by all blocks; owned by the parent graph
 
@@ -181,10 +187,10 @@ class LazyBlock(torch.nn.Module):
             cache.stats.hits += 1
             cache.stats.per_block_hits[self.index] = cache.stats.per_block_hits.get(
                 self.index, 0) + 1
-            return x + residual
+            return x + residual if self.residual else residual
         cache.stats.misses += 1
         out = self._run(inputs)
-        cache.store(self.index, key, ints, x, out)
+        cache.store(self.index, key, ints, x, out, self.residual)
         return out
 
 

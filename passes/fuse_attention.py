@@ -8,13 +8,19 @@ Part of the ``fuse`` pass (passes/fuse.py), on the canonical ATen graph. Eager a
     -> mul(scale) | div(c) -> add(mask) -> _softmax(-1) -> [clone] -> view(expand)
     -> bmm(., view(expand(v4))) -> view [B, H, S, Dv]
 
-which `fuse_attention` replaces by ``hwopt::attention(q4, k4, v4, mask, scale)``
+``torch.nn.functional.scaled_dot_product_attention`` (diffusers) decomposes into the same with
+the scale split as ``q * sqrt(scale)`` and ``k^T * sqrt(scale)`` before the first bmm, and, when
+there is no mask, a "safe softmax" guard after it (``where(all(scores == -inf, -1), 0, p)``,
+which finite scores never trigger). `fuse_attention` replaces both by
+``hwopt::attention(q4, k4, v4, mask, scale)``
 (hwopt.lowering.attention). The match holds only when every intermediate has this one use (a
 score or probability tensor that is also used elsewhere must stay), the softmax is over the last
 axis in float32, the expands broadcast nothing and the mask broadcasts to the scores. The mask may
 be a graph input (``attention_mask``): it is passed through unchanged.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -67,14 +73,54 @@ def _scores_tail(bmm: fx.Node):
         other = user.args[1] if user.args[0] is node else user.args[0]
         if isinstance(other, fx.Node) and other is not node:
             mask, node, user = other, user, _single_user(user)
+    if user is None and mask is None:  # scores also feed the safe-softmax guard
+        user = next((u for u in node.users if _is(u, aten._softmax.default)), None)
     if not _is(user, aten._softmax.default) or user.args[2]:
+        return None
+    if len(node.users) > 1 and (mask is not None or _safe_guard(node, user) is None):
         return None
     return node, scale, mask, user
 
 
+def _safe_guard(scores: fx.Node, softmax: fx.Node) -> fx.Node | None:
+    """The ``where`` of SDPA's safe-softmax guard on `softmax`, when `scores` feed exactly that
+    guard (eq -inf -> logical_not -> any(-1, keepdim) -> logical_not -> where(., 0, softmax))."""
+    others = [u for u in scores.users if u is not softmax]
+    if len(others) != 1 or not _is(others[0], aten.eq.Scalar) or others[0].args[1] != -math.inf:
+        return None
+    node = others[0]
+    for target in (aten.logical_not.default, aten.any.dim, aten.logical_not.default):
+        node = _single_user(node)
+        if not _is(node, target):
+            return None
+    where = _single_user(node)
+    if not _is(where, aten.where.self) or where.args[0] is not node or where.args[2] is not softmax:
+        return None
+    fill = where.args[1]
+    if not _is(fill, aten.full_like.default) or fill.args[0] is not softmax or fill.args[1] != 0 \
+            or len(fill.users) != 1 or set(softmax.users) != {fill, where}:
+        return None
+    return where
+
+
+def _probs(softmax: fx.Node) -> fx.Node:
+    """The softmax, or the safe-softmax guard's ``where`` around it."""
+    if len(softmax.users) == 1:
+        return softmax
+    return _safe_guard(softmax.args[0], softmax) or softmax
+
+
+def _prescaled(node: fx.Node | None) -> tuple:
+    """(x, s) for ``x * s`` with a number s and one use (SDPA's split scale), else (node, 1)."""
+    if _is(node, aten.mul.Scalar, aten.mul.Tensor) and isinstance(node.args[1], (int, float)) \
+            and len(node.users) == 1:
+        return node.args[0], float(node.args[1])
+    return node, 1.0
+
+
 def _probs_bmm(softmax: fx.Node):
     """The second bmm fed by the softmax (through clone / no-op expand / view), or None."""
-    node = _single_user(softmax)
+    node = _single_user(_probs(softmax))
     while node is not None and _is(node, aten.clone.default, _EXPAND, *_VIEWS):
         if _is(node, _EXPAND) and _shape(node) != _shape(node.args[0]):
             return None
@@ -95,11 +141,12 @@ def _match(bmm: fx.Node):
     if mask is not None and not _broadcasts(_shape(mask), ss):
         return None
     bmm2 = _probs_bmm(softmax)
-    if bmm2 is None or _logical(bmm2.args[0], ss) is not softmax:
+    if bmm2 is None or _logical(bmm2.args[0], ss) is not _probs(softmax):
         return None
     q_shape = _shape(bmm.args[0])
-    q = _logical(bmm.args[0], ss[:-1] + q_shape[-1:])
-    kt = _logical(bmm.args[1], ss[:-2] + (q_shape[-1], ss[-1]))
+    q, sq = _prescaled(_logical(bmm.args[0], ss[:-1] + q_shape[-1:]))
+    kt, sk = _prescaled(_logical(bmm.args[1], ss[:-2] + (q_shape[-1], ss[-1])))
+    scale *= sq * sk
     dv = _shape(bmm2)[-1]
     v = _logical(bmm2.args[1], ss[:-2] + (ss[-1], dv))
     if q is None or kt is None or v is None:

@@ -44,13 +44,16 @@ class LazyCacheConfig:
     target: float = 30.0  # dB for psnr, similarity (e.g. 0.999) for cosine
     default_threshold: float = 0.02  # relative L1 input change, used without calibration
     scales: tuple = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)  # searched on the medians
-    # No threshold above this: an input that moved by half its size is a different input, however
-    # insensitive the calibration runs made the block look.
-    max_threshold: float = 0.5
+    # No threshold above this: an input that moved by as much as its own size is a different
+    # input, however insensitive the calibration runs made the block look.
+    max_threshold: float = 1.0
     # Calibration keeps every call within this share of the pass tolerance, leaving headroom
     # for inputs it has not seen (the observer checks the tolerance again after the pass).
     tolerance_share: float = 0.9
     refine: int = 3  # bisection steps between the last scale that passed and the first that failed
+    # Then, block by block, the threshold is doubled while the target still holds (the blocks
+    # of one kind differ in how much their reuse costs): at most this many extra trials.
+    block_trials: int = 64
     max_bytes: int = 1 << 30  # bound on the cached tensors
     reset_on_repeat: bool = True  # a repeated timestep also starts a new run
     timestep_input: int | None = None  # index of the timestep input; None = found by name
@@ -67,7 +70,9 @@ class LazyCache(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cfg = self.config
-        blocks = find_blocks(gm, cfg.min_blocks)
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        blocks = sorted((b for group in find_block_groups(gm, cfg.min_blocks) for b in group),
+                        key=lambda b: min(order[n] for n in b[1]))
         if not blocks:
             return PassResult(gm, False, ["no repeated blocks found (nn_module_stack): unchanged"])
         ts = _timestep_node(gm, cfg.timestep_input)
@@ -77,7 +82,7 @@ class LazyCache(Pass):
                          "or a shape change (set pass_config timestep_input)")
         plans = []
         for path, nodes in blocks:
-            plan = _plan_block(gm, nodes, ts)
+            plan = _plan_block(gm, nodes, ts, outputs_ok=True)
             if isinstance(plan, str):
                 notes.append(f"block {path} left as is: {plan}")
             else:
@@ -97,7 +102,8 @@ class LazyCache(Pass):
         notes.append(f"cached {len(plans)} block(s): {', '.join(p for p, _ in plans)}")
         tol = ctx.tolerance if ctx.tolerance is not None else self.tolerance
         if ctx.calibration:
-            notes.append(calibrate(gm, cache, ctx.calibration, ts, cfg, tol))
+            kinds = [0 if plan.residual else 1 for _, plan in plans]
+            notes.append(calibrate(gm, cache, ctx.calibration, ts, cfg, tol, kinds))
         else:
             notes.append(f"no calibration: threshold {cfg.default_threshold} for every block")
         cache.reset()
@@ -108,6 +114,14 @@ class LazyCache(Pass):
 def find_blocks(gm: fx.GraphModule, min_blocks: int = 2) -> list[tuple[str, list[fx.Node]]]:
     """The repeated blocks: (module path, its nodes in graph order), of the ModuleList whose
     same-typed children ``.0 .. .N`` cover the most nodes."""
+    groups = find_block_groups(gm, min_blocks)
+    return groups[0] if groups else []
+
+
+def find_block_groups(gm: fx.GraphModule, min_blocks: int = 2) -> list[list]:
+    """Every ModuleList of same-typed children ``.0 .. .N`` (N + 1 >= min_blocks), largest first,
+    keeping only lists that share no node with a larger one: a DiT has one (its transformer
+    blocks), a UNet one per up/down/mid block (their resnets and attentions)."""
     groups: dict[tuple[str, str], dict[int, list[fx.Node]]] = {}
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
@@ -116,17 +130,21 @@ def find_blocks(gm: fx.GraphModule, min_blocks: int = 2) -> list[tuple[str, list
             if m:
                 groups.setdefault((m.group(1), str(typ)), {}).setdefault(
                     int(m.group(2)), []).append(node)
-    best = None
+    found = []
     for (prefix, _), members in groups.items():
         if len(members) < min_blocks or sorted(members) != list(range(len(members))):
             continue
-        size = sum(len(v) for v in members.values())
-        if best is None or size > best[0]:
-            best = (size, prefix, members)
-    if best is None:
-        return []
-    _, prefix, members = best
-    return [(f"{prefix}.{i}", members[i]) for i in sorted(members)]
+        found.append((sum(len(v) for v in members.values()), prefix, members))
+    found.sort(key=lambda f: (-f[0], f[1]))
+    taken: set = set()
+    out = []
+    for _, prefix, members in found:
+        nodes = {n for v in members.values() for n in v}
+        if nodes & taken:
+            continue
+        taken |= nodes
+        out.append([(f"{prefix}.{i}", members[i]) for i in sorted(members)])
+    return out
 
 
 def _timestep_node(gm: fx.GraphModule, index: int | None) -> fx.Node | None:
@@ -159,12 +177,17 @@ class _Plan:
     nodes: list  # the block's nodes, in graph order
     inputs: list  # its non-constant inputs
     out: fx.Node  # its one output
-    primary: int  # which input has the output's shape and dtype (the residual's base)
+    primary: int  # the input whose change decides reuse (the residual's base, if residual)
     exact: list  # integer inputs (other than the timestep) that must match for reuse
+    residual: bool = True  # cache output - input; False: cache the output itself
 
 
-def _plan_block(gm: fx.GraphModule, nodes: list[fx.Node], ts: fx.Node | None) -> _Plan | str:
-    """How to cut `nodes` out as one block, or why it cannot be."""
+def _plan_block(gm: fx.GraphModule, nodes: list[fx.Node], ts: fx.Node | None,
+                outputs_ok: bool = False) -> _Plan | str:
+    """How to cut `nodes` out as one block, or why it cannot be. The block's residual is cached
+    when an input has the output's shape and dtype; otherwise, with `outputs_ok`, its output,
+    reused while its largest floating-point input (e.g. the concatenated skip connection of a
+    UNet up-block resnet) barely moved (DeepCache)."""
     inside = set(nodes)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     last = max(order[n] for n in nodes)
@@ -181,10 +204,15 @@ def _plan_block(gm: fx.GraphModule, nodes: list[fx.Node], ts: fx.Node | None) ->
                 inputs.append(a)
     val = out.meta.get("val")
     primary = next((i for i, a in enumerate(inputs) if _same(a.meta.get("val"), val)), None)
+    residual = primary is not None
+    if not residual and outputs_ok:
+        floats = [(v.numel(), -i) for i, a in enumerate(inputs)
+                  if isinstance(v := a.meta.get("val"), torch.Tensor) and v.is_floating_point()]
+        primary = -max(floats)[1] if floats else None
     if primary is None:
         return "no input with the output's shape and dtype (no residual to cache)"
     exact = [i for i, a in enumerate(inputs) if a is not ts and _is_int(a.meta.get("val"))]
-    return _Plan(sorted(nodes, key=order.__getitem__), inputs, out, primary, exact)
+    return _Plan(sorted(nodes, key=order.__getitem__), inputs, out, primary, exact, residual)
 
 
 def _rewrite_block(gm: fx.GraphModule, plan: _Plan, token: fx.Node, cache: StepCache,
@@ -192,7 +220,8 @@ def _rewrite_block(gm: fx.GraphModule, plan: _Plan, token: fx.Node, cache: StepC
     """Move the block's nodes into a LazyBlock submodule called where the block ended."""
     sub = _subgraph(gm, plan.nodes, plan.inputs, plan.out)
     name = f"_hwopt_lazy_block_{index}"
-    gm.add_submodule(name, LazyBlock(sub, cache, index, plan.primary, plan.exact))
+    gm.add_submodule(name, LazyBlock(sub, cache, index, plan.primary, plan.exact,
+                                         plan.residual))
     with gm.graph.inserting_after(plan.nodes[-1]):
         call = gm.graph.call_module(name, (token, *plan.inputs))
     call.meta["val"] = plan.out.meta.get("val")
@@ -312,47 +341,75 @@ def _score(gm, cache, runs, refs, lat, coeffs, metric) -> tuple[float, float]:
 
 @torch.no_grad()
 def calibrate(gm: fx.GraphModule, cache: StepCache, batches, ts: fx.Node | None,
-              cfg: LazyCacheConfig, tolerance: float | None) -> str:
+              cfg: LazyCacheConfig, tolerance: float | None, kinds: list | None = None) -> str:
     """Set per-block thresholds: scale * (block's median step-to-step input change), with the
-    largest scale whose replays of the calibration runs keep the quality target."""
+    largest scale whose replays of the calibration runs keep the quality target. `kinds[i]`
+    groups the blocks (residual caches, output caches): one scale per kind, searched in turn
+    with the later kinds off, so that the lossier kind does not hold the other one back; then
+    each block's threshold is doubled while the target holds (`block_trials` trials in all)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     runs = _runs(list(batches), phs.index(ts) if ts is not None else None)
     lat = _latent_index(gm)
     n = len(cache.thresholds)
+    kinds = kinds or [0] * n
     cache.enabled, cache.record = False, [[] for _ in range(n)]
     refs = [_replay(gm, cache, run, None, None)[0] for run in runs]
     medians = [float(torch.tensor(r).median()) if r else 0.0 for r in cache.record]
     cache.enabled, cache.record = True, None
     coeffs = [_sampler_steps(r, o, lat) if lat is not None and len(r) > 1 else None
               for r, o in zip(runs, refs)]
-    def trial(scale):
-        cache.thresholds = [min(scale * m, cfg.max_threshold) for m in medians]
+    scale = {k: 0.0 for k in kinds}
+    mult = [1.0] * n
+
+    def thresholds():
+        return [min(scale[k] * f * m, cfg.max_threshold)
+                for k, f, m in zip(kinds, mult, medians)]
+
+    def trial():
+        cache.thresholds = thresholds()
         cache.stats.__init__()
         q, err = _score(gm, cache, runs, refs, lat, coeffs, cfg.metric)
-        log.debug("hwopt: lazy_cache scale %.3g: quality %.3g, max call error %.3g, skipped "
+        log.debug("hwopt: lazy_cache scales %s: quality %.3g, max call error %.3g, skipped "
                   "%.0f%%", scale, q, err, 100 * cache.stats.skipped_share)
         ok = q >= cfg.target and (tolerance is None or err <= cfg.tolerance_share * tolerance)
         return ok, (q, err, cache.stats.skipped_share)
 
-    best, best_q, failed = None, None, None
-    for s in cfg.scales:
-        ok, score = trial(s)
-        if not ok:
-            failed = s
-            break
-        best, best_q = s, score
-    for _ in range(cfg.refine if best is not None and failed is not None else 0):
-        mid = (best + failed) / 2
-        ok, score = trial(mid)
-        best, best_q, failed = (mid, score, failed) if ok else (best, best_q, mid)
+    best_q = None
+    for kind in sorted(set(kinds)):
+        best, failed = None, None
+        for s in cfg.scales:
+            scale[kind] = s
+            ok, score = trial()
+            if not ok:
+                failed = s
+                break
+            best, best_q = s, score
+        for _ in range(cfg.refine if best is not None and failed is not None else 0):
+            scale[kind] = (best + failed) / 2
+            ok, score = trial()
+            if ok:
+                best, best_q = scale[kind], score
+            else:
+                failed = scale[kind]
+        scale[kind] = best or 0.0
+    budget = cfg.block_trials
+    for i in sorted(range(n), key=lambda i: (kinds[i], i)):
+        while budget > 0 and scale[kinds[i]] > 0 and thresholds()[i] < cfg.max_threshold:
+            budget -= 1
+            mult[i] *= 2
+            ok, score = trial()
+            if not ok:
+                mult[i] /= 2
+                break
+            best_q = score
     loop = "closed-loop" if all(c is not None for c in coeffs) else "open-loop"
-    if best is None:
-        cache.thresholds = [0.0] * n
+    cache.thresholds = thresholds()
+    if best_q is None:
         return (f"calibration on {len(runs)} {loop} run(s): no scale meets {cfg.metric} >= "
                 f"{cfg.target}; caching off (thresholds 0)")
-    cache.thresholds = [min(best * m, cfg.max_threshold) for m in medians]
     q, err, skipped = best_q
-    return (f"calibration on {len(runs)} {loop} run(s): scale {best:.3g} on per-block median input "
+    scales = ", ".join(f"{scale[k]:.3g}" for k in sorted(scale))
+    return (f"calibration on {len(runs)} {loop} run(s): scale {scales} on per-block median input "
             f"changes, {cfg.metric} {q:.3g} (target {cfg.target}), max call error {err:.3g}, "
             f"{100 * skipped:.0f}% of block evaluations skipped; thresholds "
             f"{[round(t, 4) for t in cache.thresholds]}")

@@ -159,6 +159,24 @@ def test_attention_is_fused_in_the_zoo_transformers(name):
         assert _rel(gm(*args), model(*args)[0]) <= 1e-5, name
 
 
+def test_scaled_dot_product_attention_is_fused():
+    """SDPA (diffusers) decomposes with its scale split over q and k and a safe-softmax guard."""
+
+    class Sdpa(nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+
+    q, k, v, _ = _qkv()
+    model = Sdpa().eval()
+    cap, res = _run_fuse(model, q, k, v)
+    gm = res.graph_module
+    nodes = _fused(gm)
+    assert len(nodes) == 1 and abs(nodes[0].args[4] - 0.3) < 1e-6
+    assert SOFTMAX not in _targets(gm) and torch.ops.aten.where.self not in _targets(gm)
+    with torch.no_grad():
+        assert _rel(gm(q, k, v), model(q, k, v)) <= 1e-5
+
+
 def test_attention_with_a_data_dependent_mask():
     from hwopt import zoo
 

@@ -217,3 +217,45 @@ def test_auto_executor_keeps_step_caches(dit):
     sample(fast, 4, steps=8)
     assert any(c.stats.hits for c in hwopt.step_cache.live_caches())
     torch._dynamo.reset()
+
+
+class _TwoLists(torch.nn.Module):
+    """Two ModuleLists: `same` keeps the width (residual caches), `wide` changes it (no input
+    has the output's shape: output caches), as the resnets of a UNet's down and up blocks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.same = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        self.wide = torch.nn.ModuleList(torch.nn.Linear(8 * (i + 1), 8 * (i + 2))
+                                        for i in range(2))
+
+    def forward(self, x, timestep):
+        for m in self.same:
+            x = x + torch.tanh(m(x))
+        for m in self.wide:
+            x = torch.tanh(m(x))
+        return x * timestep
+
+
+@torch.no_grad()
+def test_every_repeated_list_is_cached_residual_or_output():
+    model = _TwoLists().eval()
+    x, t = torch.randn(2, 8), torch.tensor([3.0])
+    cap = from_module(model, (x, t))
+    propagate_meta(cap.gm, cap.example_inputs)
+    res = _apply(cap, default_threshold=0.05)
+    blocks = [m for m in res.graph_module.modules() if isinstance(m, LazyBlock)]
+    assert [b.residual for b in blocks] == [True, True, False, False]
+    def gm(*a):
+        return res.graph_module(*a)[0]
+
+    first = gm(x, t)
+    torch.testing.assert_close(first, model(x, t))  # nothing cached yet: full compute
+    near = x + 1e-3 * torch.randn(2, 8)
+    got = gm(near, torch.tensor([2.0]))
+    assert _cache(res.graph_module).stats.hits == 4  # every block reused
+    torch.testing.assert_close(got, first / 3.0 * 2.0)  # the last block's cached output
+    far = x + torch.randn(2, 8)
+    torch.testing.assert_close(gm(far, torch.tensor([1.0])), model(far, torch.tensor([1.0])))
+
