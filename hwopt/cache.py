@@ -24,12 +24,26 @@ log = logging.getLogger("hwopt")
 FORMAT = 1
 
 
-def versions() -> dict:
-    import tvm
+def tvm_version() -> str:
+    """TVM's version without importing it (its compiler library takes 1.5 s to load)."""
+    import sys
 
+    if "tvm" in sys.modules:
+        return sys.modules["tvm"].__version__
+    try:
+        from importlib.metadata import version
+
+        return version("apache-tvm")
+    except Exception:  # a TVM built from source, not installed as the apache-tvm wheel
+        import tvm
+
+        return tvm.__version__
+
+
+def versions() -> dict:
     from hwopt import __version__
 
-    return {"hwopt": __version__, "torch": torch.__version__, "tvm": tvm.__version__,
+    return {"hwopt": __version__, "torch": torch.__version__, "tvm": tvm_version(),
             "format": FORMAT}
 
 

@@ -25,11 +25,10 @@ FORMAT = 1
 
 @functools.lru_cache(maxsize=None)
 def _versions() -> tuple:
-    import tvm
-
     from hwopt import __version__
+    from hwopt.cache import tvm_version
 
-    return __version__, tvm.__version__
+    return __version__, tvm_version()
 
 
 def machine_key(cores: int | None = None) -> str:

@@ -126,15 +126,20 @@ def build(sub: fx.GraphModule, inputs: tuple, target, export_to: Path | None = N
     n_funcs = called_kernels(ex, funcs)
     if export_to is not None:
         Path(export_to).parent.mkdir(parents=True, exist_ok=True)
-        ex.export_library(str(export_to))
+        from hwopt.lowering.runtime import quiet_scope_logs
+
+        with quiet_scope_logs():
+            ex.export_library(str(export_to))
     return Built(vm, _checked_args(vm, sub, inputs, low), n_funcs, build_s)
 
 
 def load_built(path: Path, sub: fx.GraphModule, inputs: tuple, target, n_funcs: int = 0,
                build_s: float = 0.0) -> Built:
     """A library written by ``build(..., export_to=path)``, loaded and checked again."""
+    import tvm
+
     low = target.lowering
-    vm = low.load(Path(path).parent, [Path(path).name])
+    vm = low.vm(tvm.runtime.load_module(str(path)))  # time_evaluator needs the full VM
     return Built(vm, _checked_args(vm, sub, inputs, low), n_funcs, build_s)
 
 

@@ -20,11 +20,48 @@ DEFAULT_GHZ = 3.0  # used when the OS does not report a frequency
 DRAM_BW = 25e9  # bytes/s available to two cores; refined by calibration (targets issue)
 
 
-@functools.lru_cache(maxsize=None)
-def host_mcpu() -> str:
-    from tvm.target.codegen import llvm_get_system_cpu
+def _probe_host() -> dict:
+    """What LLVM reports for the host CPU: its name, fp32 lanes of the widest vector unit (16
+    AVX-512, 8 AVX2, else 4) and the int8 dot product ("vnni" where AVX-512 VNNI's vpdpbusd is
+    there, else "i16": vpmaddwd int16 pairs; see ``hwopt.lowering.qdq.converters``)."""
+    import tvm
+    from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_cpu
 
-    return os.environ.get("HWOPT_MCPU") or llvm_get_system_cpu()
+    mcpu = os.environ.get("HWOPT_MCPU") or llvm_get_system_cpu()
+    t = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    has = lambda f: bool(llvm_cpu_has_features([f], t))  # noqa: E731
+    lanes = 16 if has("avx512f") else 8 if has("avx2") else 4
+    dot = "vnni" if lanes == 16 and has("avx512vnni") else "i16"
+    return {"mcpu": mcpu, "lanes": lanes, "int8_dot": dot}
+
+
+def _host_key() -> str:
+    """Identity of this CPU as the OS reports it (model and feature flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = {ln for ln in f.read().splitlines()
+                     if ln.split(":")[0].strip() in ("model name", "flags", "Features",
+                                                      "CPU part")}
+    except OSError:
+        import platform
+
+        lines = {platform.processor(), platform.machine()}
+    return "\n".join(sorted(lines)) + "|" + os.environ.get("HWOPT_MCPU", "")
+
+
+@functools.lru_cache(maxsize=None)
+def host_facts() -> dict:
+    """``_probe_host()``, kept per CPU identity (hwopt.memo): asking LLVM needs TVM's compiler
+    library, which a compile-cache hit otherwise never loads."""
+    from hwopt.memo import disk_memo
+
+    return disk_memo("host", _host_key(), _probe_host,
+                     valid=lambda v: isinstance(v, dict) and set(v) == {"mcpu", "lanes",
+                                                                         "int8_dot"})
+
+
+def host_mcpu() -> str:
+    return host_facts()["mcpu"]
 
 
 def host_cores() -> int:
@@ -32,31 +69,14 @@ def host_cores() -> int:
     return int(env) if env else (os.cpu_count() or 1)
 
 
-@functools.lru_cache(maxsize=None)
 def host_lanes() -> int:
     """fp32 lanes of the widest vector unit the host CPU has (16 AVX-512, 8 AVX2, else 4)."""
-    import tvm
-    from tvm.target.codegen import llvm_cpu_has_features
-
-    t = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
-    if llvm_cpu_has_features(["avx512f"], t):
-        return 16
-    if llvm_cpu_has_features(["avx2"], t):
-        return 8
-    return 4
+    return host_facts()["lanes"]
 
 
-@functools.lru_cache(maxsize=None)
 def host_int8_dot() -> str:
-    """"vnni" where the host has AVX-512 VNNI (vpdpbusd: uint8 x int8, 4 products per int32
-    lane), else "i16" (vpmaddwd: int16 pairs); see ``hwopt.lowering.qdq.converters``."""
-    import tvm
-    from tvm.target.codegen import llvm_cpu_has_features
-
-    t = tvm.target.Target({"kind": "llvm", "mcpu": host_mcpu()})
-    if host_lanes() == 16 and llvm_cpu_has_features(["avx512vnni"], t):
-        return "vnni"
-    return "i16"
+    """"vnni" where the host has AVX-512 VNNI, else "i16" (see ``_probe_host``)."""
+    return host_facts()["int8_dot"]
 
 
 def tvm_target() -> dict:

@@ -33,6 +33,23 @@ def test_cache_hit_in_new_process_is_fast(cache_dir):
     assert float(seconds) > 0  # speed of a hit is reported by the benchmark, not timed here
 
 
+def test_cache_hit_in_new_process_loads_only_the_tvm_runtime(cache_dir):
+    """A hit loads the stored library with libtvm_runtime alone: `import tvm` (the compiler
+    library) would cost more than the 1 s a hit may take."""
+    code = (f"import sys, torch, hwopt; from hwopt import zoo; m, a = zoo.cnn(small=True); "
+            f"fn = torch.compile(m, backend='hwopt', options={{'cache_dir': {str(cache_dir)!r}, "
+            f"'executor': 'tvm'}}); "
+            f"y = fn(*a); torch.testing.assert_close(y, m(*a), rtol=1e-4, atol=1e-5); "
+            f"print('tvm' in sys.modules)")
+    first = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           text=True)
+    assert first.stdout.split()[-1] == "True"  # built: the compiler was needed
+    again = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                           text=True)
+    assert again.stdout.split()[-1] == "False"
+    assert "Scope Loaded" not in again.stderr  # TVM's per-constant load log is dropped
+
+
 def test_corrupt_entry_is_ignored_and_rebuilt(cache_dir):
     m, args = zoo.cnn(small=True)
     hwopt.compile(m, args, cache_dir=str(cache_dir), executor="tvm")

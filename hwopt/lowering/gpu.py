@@ -246,7 +246,10 @@ class CUDALowering:
         else:
             log.warning("hwopt: nvcc not found, %s.ptx not written; the library compiles its "
                         "CUDA source when it is loaded on a GPU machine", name)
-        executable.export_library(str(folder / f"{name}.so"))
+        from hwopt.lowering.runtime import quiet_scope_logs
+
+        with quiet_scope_logs():
+            executable.export_library(str(folder / f"{name}.so"))
         return files
 
     def device(self):

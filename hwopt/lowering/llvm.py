@@ -52,7 +52,10 @@ class LLVMLowering:
             from tvm.support import cc
 
             kwargs["fcompile"] = cc.cross_compiler(self.cross_compiler)
-        executable.export_library(str(Path(folder) / f"{name}.so"), **kwargs)
+        from hwopt.lowering.runtime import quiet_scope_logs
+
+        with quiet_scope_logs():
+            executable.export_library(str(Path(folder) / f"{name}.so"), **kwargs)
         return [f"{name}.so"]
 
     def device(self):
@@ -61,12 +64,11 @@ class LLVMLowering:
         return tvm.cpu()
 
     def load(self, folder: Path, files: list[str]):
-        """A Relax VM over a library written by `export` (only where the code runs here)."""
-        import tvm
-        from tvm import relax
+        """A Relax VM over a library written by `export` (only where the code runs here),
+        loaded with TVM's runtime only (hwopt.lowering.runtime)."""
+        from hwopt.lowering.runtime import RuntimeVM
 
-        lib = tvm.runtime.load_module(str(Path(folder) / files[0]))
-        return relax.VirtualMachine(lib, self.device())
+        return RuntimeVM(Path(folder) / files[0])
 
     def vm(self, executable):
         from tvm import relax

@@ -27,9 +27,16 @@ _NEVER = {"_assert_async.default", "_assert_async.msg", "_assert_scalar.default"
 
 @functools.lru_cache(maxsize=None)
 def tvm_convertible_ops() -> frozenset[str]:
-    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+    """The op names TVM's ExportedProgram importer converts (kept per TVM version, hwopt.memo)."""
+    from hwopt.memo import disk_memo
 
-    return frozenset(ExportedProgramImporter().create_convert_map())
+    def ask():
+        from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+        return sorted(ExportedProgramImporter().create_convert_map())
+
+    return frozenset(disk_memo("tvm-ops", "ExportedProgramImporter",
+                               ask, valid=lambda v: isinstance(v, list) and len(v) > 50))
 
 
 def _qdq_converters() -> dict:

@@ -50,9 +50,9 @@ class TVMRegion(torch.nn.Module):
         self.single_output = single_output
         self.files = files  # (folder, [names]) of an exported copy, e.g. in the compile cache
         self.target_name = target_name
-        import tvm  # resolved once here, not on every call
+        from hwopt.lowering.runtime import from_dlpack
 
-        self._to_tvm = tvm.runtime.from_dlpack
+        self._to_tvm = from_dlpack()  # resolved once here, not on every call
 
     def export(self, folder, name: str) -> list[str]:
         """Write this region's target code into `folder` as ``<name>.*``; returns file names."""
@@ -269,9 +269,6 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
     For a target whose code does not run here (cross-compilation), the region is built and
     exported but neither checked nor timed here; its tests run it on the device or an emulator.
     """
-    from hwopt.lowering.canonicalize import canonicalize
-    from hwopt.lowering.relax_import import to_relax
-
     target = opts.target
     low, here = target.lowering, target.runs_here()
     key = graph_key(sub, inputs, opts.fingerprint())
@@ -289,6 +286,9 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
             return sub, info
         vm = low.load(folder, files) if here else None
         return TVMRegion(vm, single, low, files=(folder, files), target_name=target.name), info
+
+    from hwopt.lowering.canonicalize import canonicalize  # imports TVM: not needed on a hit
+    from hwopt.lowering.relax_import import to_relax
 
     t0 = time.perf_counter()
     tvm_target = target.tvm()
