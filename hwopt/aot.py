@@ -98,6 +98,7 @@ class Artifact:
             region = _region_of(self.compiled.module, info.name)
             if region is not None:
                 entry["files"] = region.export(out, info.name)
+                entry["index_checks"] = region.index_checks
             regions.append(entry)
         (out / "host_plan.py").write_text(self.compiled.graph.code)
         from hwopt.dynamic.plan import save_plan  # the plan as data, run by hwopt.dynamic.load

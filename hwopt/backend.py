@@ -79,7 +79,8 @@ def _compile_static(gm, example_inputs, opts):
             cache.store(key, {"plan": "torch", "reason": compiled.decision})
         return eager
     if key and isinstance(compiled.module, TVMRegion):
-        cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices)},
+        cache.store(key, {"plan": "tvm", "indices": list(cap.input_indices),
+                          "index_checks": compiled.module.index_checks},
                     lambda d: compiled.module.export(d, "lib"))
     return _runner(compiled, cap.input_indices, cap.frozen, eager)
 
@@ -137,7 +138,7 @@ def _load_plan(cache, key, example_inputs, eager, opts):
         log.warning("hwopt: cached library in %s did not load (%s); rebuilding", folder, e)
         return None
     region = TVMRegion(vm, False, low, files=(folder, meta["file_order"]),
-                       target_name=opts.target.name)
+                       target_name=opts.target.name, index_checks=meta.get("index_checks", ()))
     indices = meta["indices"]
     frozen = [(x, x._version) for i, x in enumerate(example_inputs)
               if isinstance(x, torch.Tensor) and is_weight(x)]

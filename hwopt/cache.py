@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 log = logging.getLogger("hwopt")
-FORMAT = 1
+FORMAT = 2  # 2: regions record their index checks (hwopt.lowering.guards)
 
 
 def tvm_version() -> str:

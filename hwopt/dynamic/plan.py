@@ -297,7 +297,8 @@ def load(folder):
         if r.get("files"):
             vm = low.load(folder, r["files"])
             regions[r["name"]] = TVMRegion(vm, False, low, files=(folder, r["files"]),
-                                           target_name=target.name)
+                                           target_name=target.name,
+                                           index_checks=r.get("index_checks", ()))
     _single_outputs(doc["plan"], regions)
     consts = torch.load(folder / "host_consts.pt", weights_only=True)
     runner = PlanRunner(doc["plan"], consts, regions)

@@ -43,8 +43,10 @@ class TVMRegion(torch.nn.Module):
     """
 
     def __init__(self, vm, single_output: bool, lowering=None, executable=None,
-                 files: tuple | None = None, target_name: str = "cpu"):
+                 files: tuple | None = None, target_name: str = "cpu", index_checks=()):
         super().__init__()
+        # (input, size, negatives ok) per index input (hwopt.lowering.guards): checked per call
+        self.index_checks = tuple(tuple(c) for c in index_checks)
         self.vm, self.executable, self.lowering = vm, executable, lowering
         self.fn = vm["main"] if vm is not None else None
         self.single_output = single_output
@@ -73,6 +75,10 @@ class TVMRegion(torch.nn.Module):
         if self.fn is None:
             raise HwoptError(f"this region was compiled for target {self.target_name!r}, which "
                              "does not run on this machine; save the artifact and run it there")
+        if self.index_checks:
+            from hwopt.lowering.guards import check_indices
+
+            check_indices(args, self.index_checks)
         # A GPU lowering names its torch device: inputs go there, outputs come back to where
         # the inputs were (tensors already on the device stay there).
         dev = getattr(self.lowering, "torch_device", None)
@@ -285,10 +291,14 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
         if info.executor == "torch" or not files:
             return sub, info
         vm = low.load(folder, files) if here else None
-        return TVMRegion(vm, single, low, files=(folder, files), target_name=target.name), info
+        return TVMRegion(vm, single, low, files=(folder, files), target_name=target.name,
+                         index_checks=meta.get("index_checks", ())), info
 
     from hwopt.lowering.canonicalize import canonicalize  # imports TVM: not needed on a hit
+    from hwopt.lowering.guards import index_checks
     from hwopt.lowering.relax_import import to_relax
+
+    checks = index_checks(sub)
 
     t0 = time.perf_counter()
     tvm_target = target.tvm()
@@ -298,11 +308,13 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
     ex = low.build(mod, tvm_target)
     kernels = {k: [c.rule, dict(c.params)] for k, c in choices.items()}
     if not here:
-        region = TVMRegion(None, single, low, executable=ex, target_name=target.name)
+        region = TVMRegion(None, single, low, executable=ex, target_name=target.name,
+                           index_checks=checks)
         info = RegionInfo(name, "tvm", f"built for {target.name}; runs on the device",
                           build_s=time.perf_counter() - t0, kernels=kernels)
     else:
-        region = TVMRegion(low.vm(ex), single, low, executable=ex, target_name=target.name)
+        region = TVMRegion(low.vm(ex), single, low, executable=ex, target_name=target.name,
+                           index_checks=checks)
         with torch.no_grad():
             got = region(*inputs)
         from hwopt.lowering.qdq import max_output_lsb
@@ -316,7 +328,8 @@ def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,
             if t_torch < t_tvm:
                 info.executor, info.reason = "torch", "PyTorch measured faster on this machine"
     meta = {"executor": info.executor, "reason": info.reason, "tvm_ms": info.tvm_ms,
-            "torch_ms": info.torch_ms, "kernels": info.kernels, "target": target.name}
+            "torch_ms": info.torch_ms, "kernels": info.kernels, "target": target.name,
+            "index_checks": checks}
     export = (lambda d: low.export(ex, d, "lib")) if info.executor == "tvm" else None
     cache.store(key, meta, export)
     return (sub if info.executor == "torch" else region), info
