@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import OptionError, did_you_mean
 
-TUNE_MODES = ("none", "measure")
+TUNE_MODES = ("none", "measure", "metaschedule")
 FALLBACK_MODES = ("auto", "tvm", "torch")
 
 
@@ -32,7 +32,10 @@ class Options:
     strict:       raise on any lowering failure instead of falling back to PyTorch.
     cache_dir:    on-disk compile cache; None = $HWOPT_CACHE_DIR or ~/.cache/hwopt. False = off.
     tune:         "none" (schedule rules, no search), "measure" (time a few tile candidates per
-                  kernel, remembered in the tuning database).
+                  kernel, remembered in the tuning database), "metaschedule" (as "measure", then
+                  TVM's MetaSchedule search per float kernel, `tune_trials` trials each; per
+                  kernel the faster of the two is kept; an offline budget: minutes per model).
+    tune_trials:  MetaSchedule trials per kernel (tune="metaschedule"); 64 by default.
     executor:     "auto" (per region, the faster of TVM and PyTorch, measured once and cached),
                   "tvm" (always TVM), "torch" (passes only, run in PyTorch).
     progress:     show progress bars on long steps.
@@ -58,6 +61,7 @@ class Options:
     strict: bool = False
     cache_dir: Any = None
     tune: str = "none"
+    tune_trials: int = 64
     executor: str = "auto"
     progress: bool = True
     tolerance: float | None = None
@@ -104,6 +108,10 @@ class Options:
                 self.devices = DeviceFarm.parse(self.devices)
             except DeviceFarmError as e:
                 raise OptionError(f"option 'devices': {e}") from e
+        if isinstance(self.tune_trials, bool) or not (
+                isinstance(self.tune_trials, int) and self.tune_trials >= 1):
+            raise OptionError(f"option 'tune_trials' must be a positive integer, got "
+                              f"{self.tune_trials!r}")
         if isinstance(self.max_buckets, bool) or not (
                 isinstance(self.max_buckets, int) and self.max_buckets >= 1):
             raise OptionError(f"option 'max_buckets' must be a positive integer, got "
@@ -128,7 +136,9 @@ class Options:
 
         return {"target": self.target.name, "tvm_target": self.target.tvm_target(),
                 "passes": [(p.name, config_dict(p)) for p in (self.passes or [])],
-                "tune": self.tune, "executor": self.executor, "tolerance": self.tolerance,
+                "tune": self.tune,
+                "tune_trials": self.tune_trials if self.tune == "metaschedule" else None,
+                "executor": self.executor, "tolerance": self.tolerance,
                 "devices": self.devices.key if self.devices and self.tune == "measure" else None,
                 "calibration": _calibration_digest(self.calibration)}
 

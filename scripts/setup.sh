@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
   || .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test,models]"
+.venv/bin/python -m pip install -q -e ".[test,models,tune]"
 # Cross-compilation and emulation for the arm64 target (aarch64 gcc, qemu-user, an arm64 Python
 # sysroot with the TVM runtime); always exits 0, printing why when it cannot install them.
 bash scripts/setup_arm64.sh

@@ -29,10 +29,10 @@ class LLVMLowering:
 
         return prepare(mod, tvm_target, self.conv_layout)
 
-    def schedule(self, mod, tvm_target, pick=None):
+    def schedule(self, mod, tvm_target, pick=None, override=None):
         from hwopt.schedules import schedule_module
 
-        return schedule_module(mod, lanes=self.lanes, pick=pick)
+        return schedule_module(mod, lanes=self.lanes, pick=pick, override=override)
 
     def measure(self, func, tvm_target) -> float:
         """Seconds of one call of a scheduled PrimFunc (only where the code runs here)."""

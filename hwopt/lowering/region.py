@@ -229,7 +229,7 @@ def _schedule(mod, target, opts, db: TuningDB):
     lanes = getattr(low, "lanes", target.schedule_lanes)
     farm = opts.devices.for_lowering(low) if opts.devices is not None else None
     measure_one = farm.measure_func if farm is not None else getattr(low, "measure", None)
-    measure = opts.tune == "measure" and measure_one is not None and (
+    measure = opts.tune in ("measure", "metaschedule") and measure_one is not None and (
         farm is not None or target.runs_here())
     bar = None
     if measure:
@@ -262,10 +262,19 @@ def _schedule(mod, target, opts, db: TuningDB):
         return best[1]
 
     try:
-        return low.schedule(mod, tvm_target, pick=pick)
+        scheduled, choices = low.schedule(mod, tvm_target, pick=pick)
     finally:
         if bar is not None:
             bar.close()
+    if opts.tune == "metaschedule":
+        from hwopt.lowering.metaschedule import metaschedule_override
+
+        override = metaschedule_override(mod, scheduled, choices, target, opts, db, tvm_target,
+                                         lanes)
+        if override:
+            scheduled, choices = low.schedule(mod, tvm_target, pick=pick, override=override)
+    return scheduled, choices
+
 
 
 def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,

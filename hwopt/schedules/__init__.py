@@ -109,16 +109,22 @@ def schedule_func(func: tirx.PrimFunc, lanes: int = 16, params: dict | None = No
     return func, Choice("none", ())
 
 
-def schedule_module(mod: tvm.IRModule, lanes: int = 16,
-                    pick: Pick | None = None) -> tuple[tvm.IRModule, dict[str, Choice]]:
+def schedule_module(mod: tvm.IRModule, lanes: int = 16, pick: Pick | None = None,
+                    override: dict | None = None) -> tuple[tvm.IRModule, dict[str, Choice]]:
     """Schedule every PrimFunc of ``mod``.
 
-    ``pick(name, func, rule, candidates)`` may choose the params of each func.
+    ``pick(name, func, rule, candidates)`` may choose the params of each func. ``override``
+    maps func names to PrimFuncs scheduled elsewhere (MetaSchedule, hwopt.schedules.metaschedule),
+    used as they are.
     """
     mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
     choices: dict[str, Choice] = {}
     for gv, func in list(mod.functions.items()):
         if not isinstance(func, tirx.PrimFunc):
+            continue
+        if override and gv.name_hint in override:
+            mod[gv] = override[gv.name_hint]
+            choices[gv.name_hint] = Choice("metaschedule", ())
             continue
         params, rule_name = None, None
         try:
