@@ -132,13 +132,21 @@ class ExitCascade(torch.nn.Module):
         self.threshold = threshold
         self.record: list[list] | None = None  # calibration: per-stage scores of every sample
         self.stats = ExitStats(len(stages))
+        self._tvm = False  # True once lowering has replaced every stage by a TVM region
         _LIVE.add(self)
 
     def forward(self, *ext):
         if any(is_fake(x) for x in ext if isinstance(x, torch.Tensor)) or (
                 torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in ext)):
             return self._full(ext)
-        with torch.no_grad():
+        if not self._tvm:  # every stage variant built by TVM: host ops on one thread
+            from hwopt.lowering.region import TVMRegion
+
+            self._tvm = all(isinstance(v.graph, TVMRegion) for st in self.stages
+                            for v in st.variants.values())
+        from hwopt.host_threads import single_torch_thread
+
+        with torch.no_grad(), single_torch_thread(self._tvm):
             return self._run(ext)
 
     def _full(self, ext) -> tuple:

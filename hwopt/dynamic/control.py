@@ -133,6 +133,7 @@ class IslandOp(_ControlOp):
     def __init__(self, graph: torch.fx.GraphModule, out_meta: list):
         super().__init__(out_meta)
         self.graph = graph
+        self._tvm = False
 
     def hwopt_inner(self):  # the Bucketed children are found by the lowering themselves
         return None
@@ -141,4 +142,9 @@ class IslandOp(_ControlOp):
         if _any_fake(inputs):
             like = next(x for x in inputs if isinstance(x, torch.Tensor))
             return _fakes(like, self.out_meta)
-        return _flat(self.graph(*inputs))
+        from hwopt.host_threads import runs_in_tvm, single_torch_thread
+
+        if not self._tvm:  # True once lowering has put TVM regions in
+            self._tvm = runs_in_tvm(self.graph)
+        with single_torch_thread(self._tvm):
+            return _flat(self.graph(*inputs))
