@@ -29,8 +29,8 @@ def single_torch_thread(active: bool = True):
 
 
 def runs_in_tvm(module: torch.nn.Module) -> bool:
-    """Whether `module` holds compiled TVM regions and no PyTorch-run compute graph of its own
-    (a region that chose PyTorch stays a GraphModule with call_function compute nodes)."""
+    """Whether lowering has put compiled TVM regions into `module` (before it, or when every
+    region chose PyTorch, there are none and PyTorch keeps its threads)."""
     from hwopt.lowering.region import TVMRegion
 
     return any(isinstance(m, TVMRegion) for m in module.modules())

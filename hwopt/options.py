@@ -139,7 +139,7 @@ class Options:
                 "tune": self.tune,
                 "tune_trials": self.tune_trials if self.tune == "metaschedule" else None,
                 "executor": self.executor, "tolerance": self.tolerance,
-                "devices": self.devices.key if self.devices and self.tune == "measure" else None,
+                "devices": (self.devices.key if self.devices and self.tune != "none" else None),
                 "calibration": _calibration_digest(self.calibration)}
 
 

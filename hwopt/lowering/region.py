@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from hwopt.cache import CompileCache, graph_key
 from hwopt.errors import HwoptError, LoweringError
+from hwopt.lowering.guards import check_indices
 from hwopt.tuning_db import TuningDB
 
 log = logging.getLogger("hwopt")
@@ -76,8 +77,6 @@ class TVMRegion(torch.nn.Module):
             raise HwoptError(f"this region was compiled for target {self.target_name!r}, which "
                              "does not run on this machine; save the artifact and run it there")
         if self.index_checks:
-            from hwopt.lowering.guards import check_indices
-
             check_indices(args, self.index_checks)
         # A GPU lowering names its torch device: inputs go there, outputs come back to where
         # the inputs were (tensors already on the device stay there).
@@ -274,7 +273,6 @@ def _schedule(mod, target, opts, db: TuningDB):
         if override:
             scheduled, choices = low.schedule(mod, tvm_target, pick=pick, override=override)
     return scheduled, choices
-
 
 
 def build_region(name: str, sub: fx.GraphModule, inputs: list, opts,

@@ -128,7 +128,8 @@ def tune(funcs: dict, target, trials: int, work_dir: Path, progress: bool = True
 
     _cpu_intrinsics_only()
     db = database(work_dir)
-    todo = {n: f for n, f in funcs.items() if best(db, f, target) is None}
+    out = {n: best(db, f, target) for n, f in funcs.items()}
+    todo = {n: f for n, f in funcs.items() if out[n] is None}
     if todo:
         import tvm
         from tqdm.auto import tqdm
@@ -156,9 +157,6 @@ def tune(funcs: dict, target, trials: int, work_dir: Path, progress: bool = True
                             num_tuning_cores=cores, seed=0)
         finally:
             bar.close()
-    out = {}
-    for n, f in funcs.items():
-        found = best(db, f, target)
-        if found is not None:
-            out[n] = found
-    return out
+    for n, f in todo.items():
+        out[n] = best(db, f, target)
+    return {n: v for n, v in out.items() if v is not None}
