@@ -2,21 +2,27 @@
 
 Two models, both trained here in seconds (no weights are downloaded):
 
-* cnn-exits: a 3-stage CNN with an exit head after each stage, trained jointly (sum of the
-  heads' losses) on sklearn's load_digits (8x8 digits upsampled to 32x32); confidence exits.
-  Quality: accuracy of the last output on the held-out split, early exit vs full compute.
+* cnn-exits: a 3-stage CNN with an exit head after each stage (BranchyNet-style: 4x4 average
+  pool + linear; a global-mean head after the first stage cannot read a digit's shape, 9-38 %
+  accuracy), trained jointly (sum of the heads' losses) on sklearn's load_digits (8x8 digits
+  upsampled to 32x32); confidence exits. Quality: accuracy of the last output on the held-out
+  split, early exit vs full compute.
 * bert: BertForSequenceClassification from a transformers BertConfig, trained for a few hundred
   steps on a synthetic task (which of 4 keyword tokens occurs in a sequence of random filler
-  tokens). Random weights are not used because their hidden states are not realistic: every
-  layer changes the residual stream by the same small amount and no layer converges, so a
-  similarity exit there says nothing. A trained model's later layers change a solved sample's
-  state little, which is what MuE exploits. Similarity exits; quality: mean per-sample cosine
-  of the logits vs full compute, and accuracy.
+  tokens) with MuE's layer-wise task loss (the pooler and classifier applied to every layer's
+  hidden state, losses summed), which is how MuE fine-tunes a model for similarity exits.
+  Random weights are not used because their hidden states are not realistic: every layer
+  changes the residual stream by the same small amount and no layer converges. Trained on the
+  last layer's loss only, consecutive layers' states stay at cosine 0.90-0.94 and only ~5 % of
+  block evaluations can be skipped at the quality target; with the layer-wise loss a solved
+  sample's state stops changing after 2-3 blocks (cosine 0.98-0.997). Similarity exits;
+  quality: mean per-sample cosine of the logits vs full compute, and accuracy.
 
 The inputs are the held-out split, which the trained models find easy. Both compiled variants
 come from hwopt.compile on the same model and example batch: "full" runs the target's default
-pipeline, "exit" adds early_exit calibrated on training batches (quality target: agreement
->= 0.99 for the CNN, cosine >= 0.99 for BERT). All four are timed interleaved over the whole
+pipeline, "exit" adds early_exit calibrated on a separate calibration split, not the training
+data, on which the models are overconfident (quality target: agreement >= 0.99 for the CNN,
+cosine >= 0.99 for BERT). All four are timed interleaved over the whole
 held-out split (medians per batch); outputs are checked against eager. Exits non-zero only on a
 crash, never on a slow figure.
 
@@ -47,20 +53,21 @@ from hwopt.exit_runtime import exit_stats  # noqa: E402
 class ExitCNN(nn.Module):
     """Three conv stages, an exit head (pool + linear) after each; returns all heads' logits."""
 
-    def __init__(self, widths=(32, 64, 128), classes=10):
+    def __init__(self, widths=(32, 64, 128), classes=10, pool=4):
         super().__init__()
         chans = (1,) + tuple(widths)
         self.stages = nn.ModuleList(nn.Sequential(
             nn.Conv2d(chans[i], chans[i + 1], 3, padding=1), nn.ReLU(),
             nn.Conv2d(chans[i + 1], chans[i + 1], 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2) if i < 2 else nn.Identity()) for i in range(3))
-        self.heads = nn.ModuleList(nn.Linear(w, classes) for w in widths)
+        self.pool = pool
+        self.heads = nn.ModuleList(nn.Linear(w * pool * pool, classes) for w in widths)
 
     def forward(self, x):
         outs = []
         for stage, head in zip(self.stages, self.heads):
             x = stage(x)
-            outs.append(head(x.mean((2, 3))))
+            outs.append(head(F.adaptive_avg_pool2d(x, self.pool).flatten(1)))
         return tuple(outs)
 
 
@@ -73,16 +80,17 @@ def digits():
     y = torch.tensor(d.target)
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(y), generator=g)
-    return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
+    tr, cal, te = perm[:1200], perm[1200:1400], perm[1400:]
+    return x[tr], y[tr], x[cal], x[te], y[te]
 
 
-def train(model, x, y, steps, lr, batch=64, loss_fn=None):
+def train(model, x, y, steps, lr, batch=64, loss_fn=None, forward=None):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(y), (batch,), generator=g)
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn((forward or model)(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -91,11 +99,11 @@ def train(model, x, y, steps, lr, batch=64, loss_fn=None):
 
 def cnn_task():
     torch.manual_seed(0)
-    xtr, ytr, xte, yte = digits()
+    xtr, ytr, xcal, xte, yte = digits()
     model = train(ExitCNN(), xtr, ytr, 200, 2e-3,
                   loss_fn=lambda outs, y: sum(F.cross_entropy(o, y) for o in outs))
     cfg = {"metric": "agreement", "target": 0.99}
-    return model, xtr, xte, yte, cfg, 2.0
+    return model, xcal, xte, yte, cfg, 2.0
 
 
 class Bert(nn.Module):
@@ -112,6 +120,11 @@ class Bert(nn.Module):
     def forward(self, ids):
         return self.m(ids).logits
 
+    def layer_logits(self, ids):
+        """The classifier on every layer's hidden state (MuE's layer-wise task loss)."""
+        hidden = self.m.bert(ids, output_hidden_states=True).hidden_states[1:]
+        return [self.m.classifier(self.m.bert.pooler(h)) for h in hidden]
+
 
 def keyword_data(n, seq=32, vocab=1000, classes=4, seed=0):
     """Filler tokens 10.. with one of `classes` keyword tokens (1..classes) at a random spot."""
@@ -127,9 +140,11 @@ def bert_task():
     torch.manual_seed(0)
     xtr, ytr = keyword_data(4096, seed=0)
     xte, yte = keyword_data(256, seed=1)
-    model = train(Bert(), xtr, ytr, 300, 1e-3, batch=32,
-                  loss_fn=lambda out, y: F.cross_entropy(out, y))
-    return model, xtr, xte, yte, {"metric": "cosine", "target": 0.99}, None
+    xcal, _ = keyword_data(128, seed=2)
+    model = Bert()
+    model = train(model, xtr, ytr, 300, 1e-3, batch=32, forward=model.layer_logits,
+                  loss_fn=lambda outs, y: sum(F.cross_entropy(o, y) for o in outs))
+    return model, xcal, xte, yte, {"metric": "cosine", "target": 0.99}, None
 
 
 def last(out):
@@ -137,10 +152,10 @@ def last(out):
 
 
 def bench_one(name, task, batch, executor, inductor, n_test):
-    model, xtr, xte, yte, cfg, tol = task
+    model, xcal, xte, yte, cfg, tol = task
     n = min(len(yte), n_test) // batch * batch
     tests = [(xte[i:i + batch],) for i in range(0, n, batch)]
-    calib = [(xtr[i:i + batch],) for i in range(0, max(128, 8 * batch), batch)]
+    calib = [(xcal[i:i + batch],) for i in range(0, len(xcal) // batch * batch, batch)]
     base = list(hwopt.get_pipeline("cpu")["passes"])
     common = dict(executor=executor, progress=False)
     t0 = time.perf_counter()

@@ -273,9 +273,9 @@ def _row_bytes(node: fx.Node, name: str, src: torch.Tensor) -> Any:
         return src.element_size()
     if name in ("native_layer_norm", "layer_norm") and dims:  # args[1] is normalized_shape
         return math.prod(sh[-len(dims[0]):]) * src.element_size()
-    if dims and name not in _NORM:
+    if dims and name not in _NORM and "adaptive" not in name:  # adaptive pools: output size
         d = dims[0] if isinstance(dims[0], (list, tuple)) else [dims[0]]
-        if d and all(isinstance(i, int) for i in d):
+        if d and all(isinstance(i, int) and -len(sh) <= i < len(sh) for i in d):
             return math.prod(sh[i] for i in d) * src.element_size()
     return sh[-1] * src.element_size()
 

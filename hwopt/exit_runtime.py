@@ -115,6 +115,7 @@ class ExitPoint:
     ref: tuple
     old: tuple | None
     fallback: tuple
+    score: tuple | None = None  # ref of the score when the stage computes it (else the host)
 
 
 class ExitCascade(torch.nn.Module):
@@ -159,6 +160,9 @@ class ExitCascade(torch.nn.Module):
         return tuple(ext[r[1]] if r[0] == "x" else env[r[1]] for r in self.outputs)
 
     def _run(self, ext) -> tuple:
+        if self.batch == 1:
+            return self._run_one(ext)
+        live = self._live()
         active = torch.arange(self.batch)
         results = [torch.empty(s, dtype=d) for s, d in self.out_meta]
         env: dict = {}
@@ -181,23 +185,72 @@ class ExitCascade(torch.nn.Module):
             if point is None or k == last:
                 continue
             done = self._score(point, get, k) >= self.threshold
-            if not bool(done.any()):
+            n_done = int(done.sum())
+            if not n_done:
                 continue
             for j, ref in enumerate(point.fallback):
                 if ref is not None:
                     results[j][active[done]] = get(ref)[done]
-            stats.histogram[k] += int(done.sum())
-            keep = ~done
-            active = active[keep]
-            env = {r: (t[keep] if self.batched.get(("c", r)) else t) for r, t in env.items()}
-            ext_now = [x[keep] if self.batched.get(("x", i)) else x
-                       for i, x in enumerate(ext_now)]
-            if len(active) == 0:
+            stats.histogram[k] += n_done
+            if n_done == n:
                 return tuple(results)
+            keep = (~done).nonzero().squeeze(1)
+            active = active[keep]
+            need = live[k]  # compact only what later stages, exits and outputs read
+            env = {r: (t.index_select(0, keep) if self.batched.get(("c", r)) else t)
+                   for r, t in env.items() if ("c", r) in need}
+            ext_now = [None if ("x", i) not in need else
+                       x.index_select(0, keep) if self.batched.get(("x", i)) else x
+                       for i, x in enumerate(ext_now)]
         stats.histogram[last] += len(active)
         return tuple(results)
 
+    def _run_one(self, ext) -> tuple:
+        """Batch 1: no compaction; the outputs are the values at the exit, not copies."""
+        env: dict = {}
+        stats = self.stats
+        stats.calls += 1
+
+        def get(ref):
+            return ext[ref[1]] if ref[0] == "x" else env[ref[1]]
+
+        last = len(self.stages) - 1
+        for k, (stage, (ins, outs)) in enumerate(zip(self.stages, self.wiring)):
+            env.update(zip(outs, stage.run([get(r) for r in ins], 1)))
+            stats.rows_run += 1
+            point = self.exits[k]
+            if point is None or k == last:
+                continue
+            if float(self._score(point, get, k)[0]) >= self.threshold:
+                stats.histogram[k] += 1
+                return tuple(get(f if f is not None else o)
+                             for f, o in zip(point.fallback, self.outputs))
+        stats.histogram[last] += 1
+        return tuple(get(o) for o in self.outputs)
+
+    def _live(self) -> list[set]:
+        """Per stage k: the refs read after stage k (by later stages, exits, or outputs that
+        later stages produce)."""
+        live = getattr(self, "_live_refs", None)
+        if live is None:
+            live = []
+            for k in range(len(self.stages)):
+                need = {tuple(r) for ins, _ in self.wiring[k + 1:] for r in ins}
+                for e in self.exits[k + 1:]:
+                    if e is not None:
+                        need |= {tuple(r) for r in (e.ref, e.old, e.score, *e.fallback)
+                                 if r is not None}
+                need |= {tuple(o) for o, p in zip(self.outputs, self.producer) if p > k}
+                live.append(need)
+            self._live_refs = live
+        return live
+
     def _score(self, point: ExitPoint, get, k: int) -> torch.Tensor:
+        if point.score is not None:
+            score = get(point.score)
+            if self.record is not None:
+                self.record[k].append(score.detach().clone())
+            return score
         new = get(point.ref).float()
         if point.kind == "similarity":
             score = torch.nn.functional.cosine_similarity(

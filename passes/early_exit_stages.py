@@ -130,25 +130,71 @@ def build_cascade(gm: fx.GraphModule, plan: CascadePlan, values: dict, batch: in
     ref = {a: ("x", i) for i, a in enumerate(ext)}
     ref.update({n: ("c", n.name) for n in inside})
     batched = {ref[n]: _batched(_val(n), batch) for n in list(ext) + list(inside)}
-    stages, notes = [], []
+    stages, notes, scores, names = [], [], [], []
     for k, (ins, outs) in enumerate(wiring):
         sub = _subgraph(gm, plan.stages[k], ins, outs)
         example = [values[a] for a in ins]
+        score = _add_score(sub, plan.exits[k], example, k) if plan.exits[k] else None
+        out_names = [o.name for o in outs] + ([score] if score else [])
+        if score:
+            batched[("c", score)] = True
         variants, note = _variants(sub, example, batch, buckets)
         notes.append(note)
         stages.append(Stage(variants, [batched[ref[a]] for a in ins],
-                            [batched[ref[o]] for o in outs]))
+                            [batched[("c", n)] for n in out_names]))
+        scores.append(("c", score) if score else None)
+        names.append(out_names)
     exits = [None if e is None else ExitPoint(
         e[0], ref[e[1]], ref[e[2]] if e[2] is not None else None,
-        tuple(ref[f] if f is not None else None for f in fb))
-        for e, fb in zip(plan.exits, plan.fallback)]
+        tuple(ref[f] if f is not None else None for f in fb), sc)
+        for e, fb, sc in zip(plan.exits, plan.fallback, scores)]
     producer = [next(k for k, s in enumerate(plan.stages) if o in s) for o in plan.outputs]
     out_meta = [(tuple(_val(o).shape), _val(o).dtype) for o in plan.outputs]
-    cascade = ExitCascade(stages, [([ref[a] for a in ins], [o.name for o in outs])
-                                   for ins, outs in wiring],
+    cascade = ExitCascade(stages, [([ref[a] for a in ins], out_names)
+                                   for (ins, _), out_names in zip(wiring, names)],
                           exits, [ref[o] for o in plan.outputs], producer, batch, batched,
                           out_meta, threshold)
     return cascade, ext, notes
+
+
+def _add_score(sub: fx.GraphModule, exit_at: tuple, example: list, k: int) -> str | None:
+    """Append the exit score of the samples to the stage's outputs, so that it is computed in
+    the compiled stage rather than by a few PyTorch ops on the host: the cosine similarity of
+    the hidden states before and after the stage, or the softmax confidence of the head.
+    Returns the output's name, or None (scores stay on the host) when a value the score needs
+    is not in the stage."""
+    kind, new, old = exit_at
+    here = {n.name: n for n in sub.graph.nodes}
+    if new.name not in here or (kind == "similarity" and old.name not in here):
+        return None
+    out = next(n for n in sub.graph.nodes if n.op == "output")
+    g, f = sub.graph, torch.ops.aten
+    with g.inserting_before(out):
+        x = g.call_function(f.flatten.using_ints, (here[new.name], 1))
+        if _val(new).dtype != torch.float32:
+            x = g.call_function(f._to_copy.default, (x,), {"dtype": torch.float32})
+        if kind == "similarity":
+            y = g.call_function(f.flatten.using_ints, (here[old.name], 1))
+            if _val(old).dtype != torch.float32:
+                y = g.call_function(f._to_copy.default, (y,), {"dtype": torch.float32})
+            dot = g.call_function(f.sum.dim_IntList, (g.call_function(f.mul.Tensor, (x, y)),
+                                                      [1]))
+            nx = g.call_function(f.sum.dim_IntList, (g.call_function(f.mul.Tensor, (x, x)),
+                                                     [1]))
+            ny = g.call_function(f.sum.dim_IntList, (g.call_function(f.mul.Tensor, (y, y)),
+                                                     [1]))
+            norm = g.call_function(f.sqrt.default, (g.call_function(f.mul.Tensor, (nx, ny)),))
+            score = g.call_function(f.div.Tensor, (dot, g.call_function(
+                f.clamp_min.default, (norm, 1e-8))))
+        else:
+            prob = g.call_function(f._softmax.default, (x, -1, False))
+            score = g.call_function(f.amax.default, (prob, [-1]))
+    score._rename(f"_hwopt_exit_score_{k}")
+    out.args = (tuple(out.args[0]) + (score,),)
+    g.lint()
+    sub.recompile()
+    propagate_meta(sub, example)
+    return score.name
 
 
 def rewrite(gm: fx.GraphModule, plan: CascadePlan, cascade: ExitCascade, ext: list,
@@ -183,7 +229,7 @@ def _variants(sub: fx.GraphModule, example: list, batch: int, buckets):
         want = _as_tuple(sub(*example))
     for b in sizes:
         small = [x[:b] if _batched(x, batch) else x for x in example]
-        var = specialize(sub, batch, b)
+        var = specialize(sub, batch, b, example)
         try:
             with torch.no_grad():
                 got = _as_tuple(var(*small))
@@ -221,16 +267,20 @@ def _rows_match(got, want, batch: int, b: int) -> bool:
     return bool(((got - want).abs() <= 1e-4 * max(scale, 1.0)).all())
 
 
-def specialize(sub: fx.GraphModule, batch: int, b: int) -> fx.GraphModule:
+def specialize(sub: fx.GraphModule, batch: int, b: int, example: list | None = None
+               ) -> fx.GraphModule:
     """A copy of `sub` whose shape arguments say batch `b` where they said `batch`: the leading
     entry of a view/reshape/expand/factory shape, when it is a multiple of `batch` and the
     tensor it shapes comes from the inputs (weights keep their shapes; an expand that
-    broadcasts a weight to the batch is rescaled)."""
+    broadcasts a weight to the batch is rescaled). With `example` (the stage's inputs), a
+    constant with a leading batch dimension whose rows are all equal (an attention mask built
+    from ``ones``, folded) is sliced to `b` rows where non-constant code uses it."""
     graph = copy.deepcopy(sub.graph)
+    cuts = _slice_batched_constants(sub, graph, batch, b, example) if example else set()
     const: set = set()
     for n in graph.nodes:
-        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and all(
-                a in const for a in n.all_input_nodes)):
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and n not in cuts
+                                  and all(a in const for a in n.all_input_nodes)):
             const.add(n)
         idx = _SHAPE_ARG.get(n.target) if n.op == "call_function" else None
         if idx is None or len(n.args) <= idx or not n.args[idx]:
@@ -251,3 +301,42 @@ def specialize(sub: fx.GraphModule, batch: int, b: int) -> fx.GraphModule:
         n.args = n.args[:idx] + (shape,) + n.args[idx + 1:]
     graph.lint()
     return fx.GraphModule(sub, graph, class_name="ExitStage")
+
+
+def _slice_batched_constants(sub, graph: fx.Graph, batch: int, b: int, example: list) -> set:
+    """Insert ``slice(c, 0, 0, b)`` between each constant of `graph` (a copy of `sub.graph`;
+    node names match) that has a leading batch dimension with equal rows and its non-constant
+    users. Returns the inserted nodes."""
+    const: set = set()
+    for n in graph.nodes:
+        if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and all(
+                a in const for a in n.all_input_nodes)):
+            const.add(n)
+    bounds = [n for n in graph.nodes if n in const and _batched(_val(n), batch) and any(u not in const for u in n.users)]
+    if not bounds:
+        return set()
+    names = {n.name for n in bounds}
+    values: dict = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in names:
+                values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Rec(sub).run(*example)
+    cuts = set()
+    for n in bounds:
+        v = values.get(n.name)
+        if not isinstance(v, torch.Tensor) or not torch.equal(v, v[:1].expand_as(v)):
+            continue
+        users = [u for u in n.users if u not in const]
+        with graph.inserting_after(n):
+            cut = graph.call_function(aten.slice.Tensor, (n, 0, 0, b))
+        cut.meta["val"] = v[:b]
+        cuts.add(cut)
+        for u in users:
+            u.replace_input_with(n, cut)
+    return cuts

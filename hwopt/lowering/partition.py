@@ -41,10 +41,11 @@ def tvm_convertible_ops() -> frozenset[str]:
 
 def _qdq_converters() -> dict:
     from hwopt.lowering.attention import CONVERTERS as ATTENTION
+    from hwopt.lowering.extra_ops import CONVERTERS as EXTRA
     from hwopt.lowering.qdq import CONVERTERS
     from hwopt.lowering.sparse import CONVERTERS as SPARSE
 
-    return {**CONVERTERS, **SPARSE, **ATTENTION}
+    return {**CONVERTERS, **SPARSE, **ATTENTION, **EXTRA}
 
 
 def _key(node: fx.Node) -> str:

@@ -263,3 +263,28 @@ def test_tvm_lowering_of_stages():
     with torch.no_grad():
         want, _ = expected_similarity(model, x, 0.99)
         torch.testing.assert_close(art(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_specialize_slices_constant_with_equal_batch_rows():
+    """A folded constant with a batch dimension (an attention mask built from ones) is sliced
+    to the smaller batch; one whose rows differ is not, so that variant is rejected."""
+    import torch.fx as fx
+
+    for mask, ok in ((torch.zeros(4, 1, 6), True), (torch.arange(4.).reshape(4, 1, 1), False)):
+        g = fx.Graph()
+        x = g.placeholder("x")
+        m = g.get_attr("mask")
+        g.output((g.call_function(torch.ops.aten.add.Tensor, (x, m)),))
+        root = nn.Module()
+        root.register_buffer("mask", mask)
+        gm = fx.GraphModule(root, g)
+        x4 = torch.randn(4, 3, 6)
+        from hwopt.graph import propagate_meta
+
+        propagate_meta(gm, (x4,))
+        small = specialize(gm, 4, 2, [x4])
+        if ok:
+            torch.testing.assert_close(small(x4[:2])[0], x4[:2] + mask[:2])
+        else:
+            with pytest.raises(RuntimeError):
+                small(x4[:2])
