@@ -38,7 +38,7 @@ from hwopt.errors import OptionError
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 from .early_exit_calibrate import calibrate, default_stats
-from .early_exit_stages import CascadePlan, build_cascade, check, rewrite
+from .early_exit_stages import CascadePlan, build_cascade, check, record_values, rewrite
 from .lazy_cache import _plan_block, find_blocks
 
 log = logging.getLogger("hwopt")
@@ -100,7 +100,7 @@ class EarlyExit(Pass):
             return PassResult(gm, False, ["no example inputs to specialise the stages on; "
                                           "unchanged"])
         default = cfg.similarity_threshold if kind == "similarity" else cfg.confidence_threshold
-        values = _record(gm, ctx.example_inputs, plan)
+        values = record_values(gm, ctx.example_inputs)
         cascade, ext, spec = build_cascade(gm, plan, values, batch, cfg.buckets, default)
         rewrite(gm, plan, cascade, ext)
         notes = [f"{kind} exits over {len(plan.stages)} stage(s), batch {batch}; stages: "
@@ -114,21 +114,6 @@ class EarlyExit(Pass):
                          + default_stats(gm, cascade, tuple(ctx.example_inputs)))
         cascade.stats.reset()
         return PassResult(gm, True, notes)
-
-
-def _record(gm: fx.GraphModule, inputs: tuple, plan: CascadePlan) -> dict:
-    """Real values of every node on the example inputs (stage inputs for the lowering)."""
-    values: dict = {}
-
-    class Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            values[n] = out
-            return out
-
-    with torch.no_grad():
-        Rec(gm).run(*inputs)
-    return values
 
 
 def _ancestors(node: fx.Node) -> set:

@@ -78,6 +78,21 @@ def check(gm: fx.GraphModule, plan: CascadePlan, batch: int) -> str | None:
     return None
 
 
+def record_values(gm: fx.GraphModule, inputs) -> dict:
+    """Real values of every node of `gm` on `inputs`."""
+    values: dict = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(*inputs)
+    return values
+
+
 def _subgraph(gm: fx.GraphModule, nodes, inputs, outputs) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict = {}
@@ -312,21 +327,11 @@ def _slice_batched_constants(sub, graph: fx.Graph, batch: int, b: int, example: 
         if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and all(
                 a in const for a in n.all_input_nodes)):
             const.add(n)
-    bounds = [n for n in graph.nodes if n in const and _batched(_val(n), batch) and any(u not in const for u in n.users)]
+    bounds = [n for n in graph.nodes if n in const and _batched(_val(n), batch)
+              and any(u not in const for u in n.users)]
     if not bounds:
         return set()
-    names = {n.name for n in bounds}
-    values: dict = {}
-
-    class Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in names:
-                values[n.name] = out
-            return out
-
-    with torch.no_grad():
-        Rec(sub).run(*example)
+    values = {n.name: v for n, v in record_values(sub, example).items()}
     cuts = set()
     for n in bounds:
         v = values.get(n.name)
