@@ -4,7 +4,10 @@ Trained on measured subgraphs (``hwopt.cost_calibrate``, ``benchmarks/bench_cost
 features of a subgraph's kernels (FLOPs, bytes per memory level, op-class counts, GEMM shapes,
 arithmetic intensity, and the roofline's own prediction) -> log latency. The trees learn the
 correction ``log(measured) - log(roofline prediction)``, so the prediction is the roofline's
-times the learned factor and stays sensible outside the shapes seen in training.
+times the learned factor and stays sensible outside the shapes seen in training. A second set
+of trees corrects each kernel on its own (``hwopt.cost_learned_kernels``); the two predictions
+are blended (geometric mean weighted by ``blend``), which beats either alone on held-out
+subgraphs (``benchmarks/bench_cost_model.py``).
 
 scikit-learn fits the trees (the ``models`` extra); they are stored as plain JSON (thresholds,
 children, leaf values) per machine next to the calibration and evaluated here without sklearn.
@@ -112,6 +115,8 @@ class LearnedModel:
     trees: list  # each {"f": [...], "t": [...], "l": [...], "r": [...], "v": [...]}
     feature_names: tuple = FEATURES
     meta: dict = field(default_factory=dict)
+    kernel_model: object = None  # hwopt.cost_learned_kernels.KernelModel, or None
+    blend: float = 0.3  # weight of the subgraph trees when there is a kernel model
 
     def log_ratio(self, x: list[float]) -> float:
         out = self.init
@@ -124,24 +129,39 @@ class LearnedModel:
 
     def refine(self, roof, kernels, cost) -> float:
         """Latency (s) of a subgraph: the roofline's, corrected by the trees."""
-        return float(cost.latency_s) * math.exp(self.log_ratio(features(roof, kernels, cost)))
+        sub = float(cost.latency_s) * math.exp(self.log_ratio(features(roof, kernels, cost)))
+        if self.kernel_model is None or not kernels:
+            return sub
+        per_kernel = self.kernel_model.latency(roof, kernels)
+        return math.exp(self.blend * math.log(max(sub, 1e-12))
+                        + (1 - self.blend) * math.log(max(per_kernel, 1e-12)))
 
     def to_json(self) -> dict:
-        return {"init": self.init, "learning_rate": self.learning_rate, "trees": self.trees,
-                "features": list(self.feature_names), "meta": self.meta}
+        out = {"init": self.init, "learning_rate": self.learning_rate, "trees": self.trees,
+               "features": list(self.feature_names), "meta": self.meta, "blend": self.blend}
+        if self.kernel_model is not None:
+            out["kernel_model"] = self.kernel_model.to_json()
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "LearnedModel":
         m = data.get("model", data)
         if tuple(m["features"]) != FEATURES:
             raise ValueError("feature set differs from this hwopt version; retrain it")
+        kernel_model = None
+        if m.get("kernel_model") is not None:
+            from hwopt.cost_learned_kernels import KernelModel
+
+            kernel_model = KernelModel.from_json(m["kernel_model"])
         return cls(float(m["init"]), float(m["learning_rate"]), list(m["trees"]),
-                   tuple(m["features"]), dict(m.get("meta", {})))
+                   tuple(m["features"]), dict(m.get("meta", {})), kernel_model,
+                   float(m.get("blend", 0.3)))
 
 
 def train(roof, samples: list, n_estimators: int = 300, max_depth: int = 3,
-          learning_rate: float = 0.05, seed: int = 0) -> LearnedModel:
-    """Fit on `samples` = [(kernels, measured latency s), ...] (needs scikit-learn)."""
+          learning_rate: float = 0.05, seed: int = 0, per_kernel: bool = True) -> LearnedModel:
+    """Fit on `samples` = [(kernels, measured latency s), ...] (needs scikit-learn); with
+    `per_kernel` also the per-kernel trees (``hwopt.cost_learned_kernels``)."""
     import numpy as np
     from sklearn.ensemble import GradientBoostingRegressor
 
@@ -159,9 +179,14 @@ def train(roof, samples: list, n_estimators: int = 300, max_depth: int = 3,
                       "r": [int(v) for v in t.children_right],
                       "v": [float(v) for v in t.value[:, 0, 0]]})
     init = float(gbr.init_.predict(xs[:1])[0]) if hasattr(gbr.init_, "predict") else 0.0
+    kernel_model = None
+    if per_kernel:
+        from hwopt.cost_learned_kernels import train_kernels
+
+        kernel_model = train_kernels(roof, samples, seed=seed)
     return LearnedModel(init, learning_rate, trees,
                         meta={"samples": len(samples), "n_estimators": n_estimators,
-                              "max_depth": max_depth})
+                              "max_depth": max_depth}, kernel_model=kernel_model)
 
 
 def save_learned(model: LearnedModel, target: str = "cpu", cache_dir=None, key=None) -> str:
