@@ -46,7 +46,7 @@ from hwopt.cost_measure import build, load_built, signature, time_quietly  # noq
 from hwopt.target import get_target  # noqa: E402
 
 FULL = {"zoo": [(m, s) for m in ("cnn", "mobilenet", "bert", "vit", "gpt2")
-                for s in (True, False)], "windows": (1, 2, 3, 5, 8), "random": 320}
+                for s in (True, False)], "windows": (1, 2, 3, 5, 8), "random": 640}
 QUIET = 0.25  # a measurement is "quiet" when other processes used less than this many cores
 QUICK = {"zoo": [("cnn", True), ("bert", True)], "windows": (1, 3), "random": 24}
 
@@ -149,7 +149,7 @@ def evaluate(samples: list, frac: float, stored=None) -> tuple[list[dict], dict]
         yield "analytical (roofline, spec)", lambda ks: float(base.kernels_cost(ks).latency_s)
         yield "calibrated (fitted efficiencies)", lambda ks: float(
             calibrated.kernels_cost(ks).latency_s)
-        yield "learned (GBT on calibrated)", lambda ks: learned.refine(
+        yield "learned (subgraph + per-kernel trees)", lambda ks: learned.refine(
             calibrated, ks, calibrated.kernels_cost(ks))
         if stored is not None:
             yield f"stored: calibrate() ({stored.source})", lambda ks: float(
