@@ -6,8 +6,9 @@ arithmetic intensity, and the roofline's own prediction) -> log latency. The tre
 correction ``log(measured) - log(roofline prediction)``, so the prediction is the roofline's
 times the learned factor and stays sensible outside the shapes seen in training. A second set
 of trees corrects each kernel on its own (``hwopt.cost_learned_kernels``); the two predictions
-are blended (geometric mean weighted by ``blend``), which beats either alone on held-out
-subgraphs (``benchmarks/bench_cost_model.py``).
+are blended (geometric mean weighted by ``blend``): on the held-out subgraphs of
+``benchmarks/bench_cost_model.py`` the subgraph trees alone reached 12.6 % MAPE, the kernel
+trees alone 10.5-10.9 %, the blend 10.7 %, with fewer large misses than either.
 
 scikit-learn fits the trees (the ``models`` extra); they are stored as plain JSON (thresholds,
 children, leaf values) per machine next to the calibration and evaluated here without sklearn.
@@ -74,9 +75,9 @@ def _top(t, k) -> list[float]:
             float(k["comp"] >= k["mem"])]
 
 
-def features(roof, kernels, cost=None) -> list[float]:
+def features(roof, kernels, cost=None, terms=None) -> list[float]:
     """Feature vector (see `FEATURES`) of a subgraph's kernels under roofline `roof`."""
-    terms = roof.kernel_terms(kernels)
+    terms = terms if terms is not None else roof.kernel_terms(kernels)
     cost = cost or roof.kernels_cost(kernels)
     ks = [_per_kernel(roof, t) for t in terms]
     total = sum(k["lat"] for k in ks) or 1.0
@@ -129,10 +130,12 @@ class LearnedModel:
 
     def refine(self, roof, kernels, cost) -> float:
         """Latency (s) of a subgraph: the roofline's, corrected by the trees."""
-        sub = float(cost.latency_s) * math.exp(self.log_ratio(features(roof, kernels, cost)))
+        terms = roof.kernel_terms(kernels)  # shared by both sets of trees
+        sub = float(cost.latency_s) * math.exp(
+            self.log_ratio(features(roof, kernels, cost, terms)))
         if self.kernel_model is None or not kernels:
             return sub
-        per_kernel = self.kernel_model.latency(roof, kernels)
+        per_kernel = self.kernel_model.latency(roof, kernels, terms)
         return math.exp(self.blend * math.log(max(sub, 1e-12))
                         + (1 - self.blend) * math.log(max(per_kernel, 1e-12)))
 

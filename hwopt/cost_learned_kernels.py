@@ -39,10 +39,11 @@ def _shape(key) -> list:
     return [int(s) for s in val.shape] if isinstance(val, torch.Tensor) else []
 
 
-def kernel_rows(roof, kernels) -> tuple[list[list[float]], list[float]]:
-    """(feature rows, roofline latency s) of each kernel of a subgraph under `roof`."""
+def kernel_rows(roof, kernels, terms=None) -> tuple[list[list[float]], list[float]]:
+    """(feature rows, roofline latency s) of each kernel of a subgraph under `roof`
+    (`terms`: ``roof.kernel_terms(kernels)`` when the caller has them already)."""
     rows, base = [], []
-    terms = roof.kernel_terms(kernels)
+    terms = terms if terms is not None else roof.kernel_terms(kernels)
     for t in terms:
         k, pk = t["kernel"], _per_kernel(roof, t)
         w = k.work
@@ -84,8 +85,8 @@ class KernelModel:
     feature_names: tuple = KERNEL_FEATURES
     meta: dict = field(default_factory=dict)
 
-    def latency(self, roof, kernels) -> float:
-        rows, base = kernel_rows(roof, kernels)
+    def latency(self, roof, kernels, terms=None) -> float:
+        rows, base = kernel_rows(roof, kernels, terms)
         return self.call_overhead_s + sum(
             b * math.exp(self.learning_rate * sum(_tree_value(t, x) for t in self.trees))
             for x, b in zip(rows, base))
