@@ -19,6 +19,7 @@ Inputs are padded with 0 along the symbolic axis (the [PAD] id of BERT-style voc
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -77,14 +78,25 @@ class ShapePlan:
         return out
 
     def unpad(self, outs, n: int) -> tuple:
-        import sympy
-
         outs = list(outs)
-        sym = sympy.Symbol(self.symbol, integer=True, positive=True)
         for i, axis, expr in self.outputs:
-            size = int(sympy.sympify(expr, locals={self.symbol: sym}).subs(sym, n))
-            outs[i] = outs[i].narrow(axis, 0, size)
+            outs[i] = outs[i].narrow(axis, 0, size_of(self.symbol, expr, n))
         return tuple(outs)
+
+
+@functools.lru_cache(maxsize=256)
+def _size_fn(symbol: str, expr: str):
+    """`expr` (text, in `symbol`) as a plain Python function: parsing it with sympy costs about
+    1 ms, which every padded call paid before this cache."""
+    import sympy
+
+    sym = sympy.Symbol(symbol, integer=True, positive=True)
+    return sympy.lambdify([sym], sympy.sympify(expr, locals={symbol: sym}), modules=["math"])
+
+
+def size_of(symbol: str, expr: str, n: int) -> int:
+    """The output size `expr` (text in `symbol`) at ``symbol = n``."""
+    return int(_size_fn(symbol, expr)(n))
 
 
 def bound(x) -> int | None:

@@ -9,7 +9,7 @@ import torch
 
 import hwopt
 from hwopt.dynamic.padsafe import ZERO, pad_safety
-from hwopt.dynamic.shapes import choose_buckets, symbolic_capture
+from hwopt.dynamic.shapes import ShapePlan, choose_buckets, size_of, symbolic_capture
 from hwopt.dynamic_zoo import MaskedAttention, MeanPooled
 from hwopt.errors import OptionError
 
@@ -47,6 +47,13 @@ def test_mean_over_padded_axis_is_unsafe():
     gm, sym = _graph(MeanPooled().eval(), (_inputs(16)[0],), ({1: RANGE},))
     reason = pad_safety(gm, sym, {}, 8)
     assert reason and "mean" in reason and "padded axis" in reason
+
+
+def test_unpad_sizes_from_expressions_of_the_symbol():
+    plan = ShapePlan("s0", 1, 64, [(0, 1)], [(0, 1, "s0"), (1, 0, "2*s0 - 1")])
+    a, b = plan.unpad((torch.zeros(2, 40), torch.zeros(79, 3)), 17)
+    assert a.shape == (2, 17) and b.shape == (33, 3)
+    assert size_of("s0", "Max(1, s0 - 20)", 5) == 1
 
 
 def test_buckets_bounded_cover_range_and_follow_cost():
