@@ -5,7 +5,8 @@ at whatever index it gets: an out-of-range token id would crash the process or r
 where PyTorch raises ``IndexError``. For every such op whose indices are a region input (token
 ids, routed positions), the region checks the input's range before calling TVM and raises the
 same error PyTorch would. Indices computed inside a region (argmax, arange) are in range by
-construction and are not checked.
+construction and are not checked. ``clip_takes`` (a Relax phase of ``relax_import.prepare``)
+then lowers every take in "clip" mode, so TVM does not warn about "fast" mode at each build.
 """
 from __future__ import annotations
 
@@ -90,3 +91,31 @@ def check_indices(args, checks) -> None:
                 f"hwopt: index out of range in self: input {p} of a compiled region holds "
                 f"{bad}, valid indices are {-size if negative else 0}..{size - 1} (PyTorch "
                 "raises the same IndexError; TVM's code would read outside the tensor)")
+
+
+def clip_takes(mod):
+    """Relax ``take`` in mode "clip" instead of "fast" (a Relax phase of ``relax_import.prepare``).
+
+    The importer emits "fast" (no index arithmetic), for which TVM warns at every lowering that
+    out-of-range indices crash. Region inputs are checked above and computed indices are in
+    range, so "clip" gives the same numbers; it adds a min/max per read, not measurable next to
+    the gather's memory traffic, and makes an unguarded index clamp instead of crash.
+    """
+    import tvm
+    from tvm import relax
+
+    take = tvm.ir.Op.get("relax.take")
+
+    @relax.expr_functor.mutator
+    class _Clip(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            if call.op.same_as(take) and call.attrs.mode == "fast":
+                return relax.op.take(call.args[0], call.args[1], axis=call.attrs.axis,
+                                     mode="clip")
+            return call
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = _Clip(mod).visit_expr(func)
+    return mod

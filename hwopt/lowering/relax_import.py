@@ -38,6 +38,7 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target,
             conv_layout: str = "NHWC") -> tvm.IRModule:
     """Relax phases before scheduling: decompose, canonicalise, NHWC conv layout, legalize, fuse."""
     passes = [
+        _ClipTakes(),  # first: FoldConstant lowers a take to try to fold it
         relax.transform.DecomposeOpsForInference(),
         # Without it a BatchNorm tuple leftover stops the activation from fusing into the conv.
         relax.transform.CanonicalizeBindings(),
@@ -66,6 +67,16 @@ class _CancelTransposes:
         from hwopt.lowering.transposes import cancel_transposes
 
         return cancel_transposes(mod)
+
+
+@tvm.transform.module_pass(opt_level=0, name="hwopt.ClipTakes")
+class _ClipTakes:
+    """``hwopt.lowering.guards.clip_takes`` as a module pass."""
+
+    def transform_module(self, mod, ctx):
+        from hwopt.lowering.guards import clip_takes
+
+        return clip_takes(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target) -> relax.VMExecutable:

@@ -61,3 +61,25 @@ def test_torch_compile_cache_hit_keeps_the_check(tmp_path):
         torch.testing.assert_close(fn(ids), m(ids), rtol=1e-4, atol=1e-5)
         with pytest.raises(IndexError):
             fn(bad)
+
+
+def test_takes_lower_in_clip_mode_without_tvm_warning(capfd, tmp_path):
+    import tvm
+    from tvm import relax
+    from tvm.script import relax as R
+
+    from hwopt.lowering.guards import clip_takes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", R.Tensor((10, 4), "float32"))
+    i = relax.Var("i", R.Tensor((3,), "int64"))
+    with bb.function("main", [x, i]):
+        bb.emit_func_output(bb.emit(relax.op.take(x, i, axis=0)))
+    call = clip_takes(bb.get())["main"].body.blocks[0].bindings[0].value
+    assert call.op.same_as(tvm.ir.Op.get("relax.take"))
+    assert (call.attrs.mode, int(call.attrs.axis)) == ("clip", 0)
+
+    m, (ids, rows) = Lookup().eval(), _inputs()  # compiled end to end: same numbers, no warning
+    art = hwopt.compile(m, (ids, rows), executor="tvm", cache_dir=str(tmp_path), progress=False)
+    torch.testing.assert_close(art(ids, rows), m(ids, rows), rtol=1e-4, atol=1e-5)
+    assert "Fast mode segfaults" not in capfd.readouterr().err
