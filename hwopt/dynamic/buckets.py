@@ -4,6 +4,8 @@ Sits between the ``split`` pass (which finds sub-networks whose leading dimensio
 e.g. the tokens routed to one expert) and the *run* step. A `Bucketed` sub-network is compiled
 once per bucket size; at run time its dynamic inputs are zero-padded to the smallest bucket that
 holds them and its outputs sliced back, so recompiles are bounded by the number of buckets.
+A bucket whose build chose PyTorch (measured faster) runs the sub-network at the exact size:
+padding only pays where it buys a TVM kernel.
 
 Padding is only used where it cannot change the real rows: every op of the sub-network must be
 row-independent along the padded dimension (checked on the graph by `row_independent`, and on
@@ -177,13 +179,24 @@ class Bucketed(torch.nn.Module):
                           for x in inputs]
         b = next((b for b in self.buckets if b >= n), None)
         fn = getattr(self, f"b{b}", None) if b is not None else None
-        if n == 0 or fn is None:
+        if n == 0 or fn is None or not self._runs_tvm(b, fn):
+            # a bucket PyTorch measured faster runs at the exact size: padding only pays for TVM
             self.stats["eager_calls"] += 1
             return _flat(self.sub(*inputs))
         self.stats["rows"] += n
         self.stats["padded_rows"] += b - n
         out = _flat(fn(*padded(list(inputs), self.dyn_in, b)))
         return tuple(o[:n] if i in self.dyn_out else o for i, o in enumerate(out))
+
+
+    def _runs_tvm(self, b: int, fn) -> bool:
+        """Whether the compiled bucket `fn` has a TVM region (else it is the graph itself)."""
+        memo = self.__dict__.setdefault("_tvm_memo", {})
+        if memo.get(b, (None,))[0] is not fn:
+            from hwopt.lowering.region import TVMRegion
+
+            memo[b] = (fn, any(isinstance(m, TVMRegion) for m in fn.modules()))
+        return memo[b][1]
 
 
 def _flat(out) -> tuple:

@@ -136,10 +136,13 @@ def _module_step(sub, name: str, consts: dict) -> dict:
     if isinstance(sub, IslandOp):
         return {"op": "call", "plan": to_plan(sub.graph, f"{name}.graph.", consts)[0]}
     if isinstance(sub, Bucketed):
+        # buckets PyTorch measured faster are left out: they run the eager plan, unpadded
         compiled = {str(b): _callee(getattr(sub, f"b{b}"), f"{name}.b{b}", consts)
-                    for b in sub.buckets if hasattr(sub, f"b{b}")}
+                    for b in sub.buckets if hasattr(sub, f"b{b}")
+                    and sub._runs_tvm(b, getattr(sub, f"b{b}"))}
         return {"op": "bucketed", "dyn_in": list(sub.dyn_in), "dyn_out": list(sub.dyn_out),
-                "eager": to_plan(sub.sub, f"{name}.sub.", consts)[0], "compiled": compiled}
+                "eager": to_plan(sub.sub, f"{name}.sub.", consts)[0], "compiled": compiled,
+                "sizes": [b for b in sub.buckets if hasattr(sub, f"b{b}")]}
     if isinstance(sub, fx.GraphModule):
         return {"op": "call", "plan": to_plan(sub, f"{name}.", consts)[0]}
     raise PlanError(f"module {name} ({type(sub).__name__}) has no host-plan form")
@@ -220,9 +223,9 @@ class PlanRunner:
     def _bucketed(self, step: dict, args: list) -> tuple:
         dyn_in, dyn_out = tuple(step["dyn_in"]), tuple(step["dyn_out"])
         n = args[dyn_in[0]].shape[0]
-        sizes = sorted(int(b) for b in step["compiled"])
+        sizes = sorted(int(b) for b in step.get("sizes", step["compiled"]))
         b = next((s for s in sizes if s >= n), None)
-        if n == 0 or b is None:
+        if n == 0 or b is None or str(b) not in step["compiled"]:
             return _flat(self.run(step["eager"], args))
         out = self._invoke(step["compiled"][str(b)], padded(args, dyn_in, b))
         return tuple(o[:n] if i in dyn_out else o for i, o in enumerate(out))
