@@ -10,7 +10,8 @@ of its hidden state before and after the stage (MuE-style similarity exit), or t
 confidence of the stage's classifier (exit heads). A sample whose score reaches the threshold
 leaves: its outputs are written into the full-batch results, and the remaining stages run on the
 samples still active only (the batch is compacted and padded up to the nearest batch size a stage
-was specialised for). `ExitStats` counts, per sample, after which stage it left.
+was specialised for). `ExitStats` counts, per sample, after which stage it left, and per stage how
+many rows were still running (what the pass picks the batch sizes to specialise for from).
 """
 from __future__ import annotations
 
@@ -34,12 +35,19 @@ class ExitStats:
     histogram: list = field(default_factory=list)  # samples that left after stage k
     calls: int = 0
     rows_run: int = 0  # stage evaluations actually run, per row, padding included
+    active: list = field(default_factory=list)  # per stage: {rows still running: calls}
 
     def __post_init__(self):
         self.histogram = self.histogram or [0] * self.n_stages
+        self.active = self.active or [{} for _ in range(self.n_stages)]
 
     def reset(self) -> None:
         self.histogram, self.calls, self.rows_run = [0] * self.n_stages, 0, 0
+        self.active = [{} for _ in range(self.n_stages)]
+
+    def ran(self, k: int, n: int) -> None:
+        """Stage k ran on n rows (before padding)."""
+        self.active[k][n] = self.active[k].get(n, 0) + 1
 
     @property
     def samples(self) -> int:
@@ -93,6 +101,13 @@ class Stage(torch.nn.Module):
         self.sizes = sorted(variants)
         self.variants = torch.nn.ModuleDict({f"b{b}": v for b, v in variants.items()})
         self.in_batched, self.out_batched = list(in_batched), list(out_batched)
+
+    def keep(self, sizes) -> None:
+        """Drop the variants not in `sizes` (the full batch always stays), before lowering."""
+        keep = set(sizes) | {max(self.sizes)}
+        for b in [b for b in self.sizes if b not in keep]:
+            del self.variants[f"b{b}"]
+        self.sizes = sorted(b for b in self.sizes if b in keep)
 
     def run(self, args: list, n: int) -> tuple:
         size = next(s for s in self.sizes if s >= n)
@@ -177,10 +192,14 @@ class ExitCascade(torch.nn.Module):
         for k, (stage, (ins, outs)) in enumerate(zip(self.stages, self.wiring)):
             n = len(active)
             env.update(zip(outs, stage.run([get(r) for r in ins], n)))
+            stats.ran(k, n)
             stats.rows_run += next(s for s in stage.sizes if s >= n)
             for j, p in enumerate(self.producer):
                 if p == k:
-                    results[j][active] = get(self.outputs[j])
+                    if n == self.batch:  # nobody left yet: a plain copy, no scatter
+                        results[j].copy_(get(self.outputs[j]))
+                    else:
+                        results[j][active] = get(self.outputs[j])
             point = self.exits[k]
             if point is None or k == last:
                 continue
@@ -188,9 +207,12 @@ class ExitCascade(torch.nn.Module):
             n_done = int(done.sum())
             if not n_done:
                 continue
+            rows, leaving = active[done], {}
             for j, ref in enumerate(point.fallback):
-                if ref is not None:
-                    results[j][active[done]] = get(ref)[done]
+                if ref is not None:  # outputs falling back to one value gather it once
+                    if ref not in leaving:
+                        leaving[ref] = get(ref)[done]
+                    results[j][rows] = leaving[ref]
             stats.histogram[k] += n_done
             if n_done == n:
                 return tuple(results)
@@ -218,6 +240,7 @@ class ExitCascade(torch.nn.Module):
         for k, (stage, (ins, outs)) in enumerate(zip(self.stages, self.wiring)):
             env.update(zip(outs, stage.run([get(r) for r in ins], 1)))
             stats.rows_run += 1
+            stats.ran(k, 1)
             point = self.exits[k]
             if point is None or k == last:
                 continue

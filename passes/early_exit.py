@@ -15,7 +15,9 @@ Two kinds of exit, one runtime (hwopt/exit_runtime.py):
   early-exit prediction).
 
 Samples leave one by one: the batch is compacted and the later stages run on the samples still
-active (hwopt.exit_runtime.ExitCascade). The threshold is calibrated from ``calibration`` to a
+active (hwopt.exit_runtime.ExitCascade), padded up to a batch size the stage was specialised
+for; which sizes is chosen per stage with the target's cost model from the row counts each stage
+ran on in the calibration run (``early_exit_stages.choose_variants``). The threshold is calibrated from ``calibration`` to a
 quality target vs full compute (mean per-sample cosine, or argmax agreement) within the pass
 tolerance (passes/early_exit_calibrate.py); without calibration a conservative default is used.
 The exit histogram (stages run per sample) goes into the pass notes, and `exit_stats(compiled)`
@@ -37,8 +39,9 @@ import torch.fx as fx
 from hwopt.errors import OptionError
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
-from .early_exit_calibrate import calibrate, default_stats
-from .early_exit_stages import CascadePlan, build_cascade, check, record_values, rewrite
+from .early_exit_calibrate import calibrate, default_stats, observe
+from .early_exit_stages import (CascadePlan, build_cascade, check, choose_variants, record_values,
+                                rewrite)
 from .lazy_cache import _plan_block, find_blocks
 
 log = logging.getLogger("hwopt")
@@ -57,7 +60,10 @@ class EarlyExitConfig:
     similarity_threshold: float = 0.9999
     confidence_threshold: float = 0.999
     first_exit: int = 1  # similarity: earliest block index after which a sample may leave
-    buckets: tuple | None = None  # batch sizes stages are specialised for; None = powers of 2
+    # batch sizes stages are specialised for; None: candidates 2^k, 3*2^k of which the cost
+    # model keeps up to max_variants per stage for the row counts seen on calibration
+    buckets: tuple | None = None
+    max_variants: int = 6
     quantiles: int = 41  # candidate thresholds: quantiles of the calibration scores
     tolerance_share: float = 0.9  # calibration keeps the relative error within this share
     min_blocks: int = 2
@@ -75,6 +81,9 @@ class EarlyExit(Pass):
         if cfg.mode not in ("auto", "similarity", "heads"):
             raise OptionError(f"pass_config['early_exit']['mode'] must be 'auto', 'similarity' "
                               f"or 'heads', got {cfg.mode!r}")
+        if not isinstance(cfg.max_variants, int) or cfg.max_variants < 1:
+            raise OptionError(f"pass_config['early_exit']['max_variants'] must be an int >= 1, "
+                              f"got {cfg.max_variants!r}")
         if cfg.metric not in ("cosine", "agreement"):
             raise OptionError(f"pass_config['early_exit']['metric'] must be 'cosine' or "
                               f"'agreement', got {cfg.metric!r}")
@@ -109,9 +118,12 @@ class EarlyExit(Pass):
         if ctx.calibration:
             notes.append(calibrate(gm, cascade, ctx.calibration, cfg, tol,
                                    tuple(ctx.example_inputs)))
+            observe(gm, cascade, ctx.calibration, tuple(ctx.example_inputs))
         else:
             notes.append(f"no calibration: {kind} threshold {default}; "
                          + default_stats(gm, cascade, tuple(ctx.example_inputs)))
+        if cfg.buckets is None and batch > 1:
+            notes.append(choose_variants(cascade, ctx.cost_model, cfg.max_variants))
         cascade.stats.reset()
         return PassResult(gm, True, notes)
 

@@ -107,3 +107,12 @@ def default_stats(gm: fx.GraphModule, cascade: ExitCascade, example: tuple) -> s
     cascade.stats.reset()
     gm(*example)
     return "on the example inputs: " + cascade.stats.summary()
+
+
+@torch.no_grad()
+def observe(gm: fx.GraphModule, cascade: ExitCascade, batches, example: tuple) -> None:
+    """Run the calibration batches (else the example) once at the calibrated threshold, so
+    ``cascade.stats`` holds how many rows each stage ran on (for the batch-size choice)."""
+    cascade.stats.reset()
+    for b in _usable(batches, example) or [example]:
+        gm(*b)

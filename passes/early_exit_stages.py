@@ -235,13 +235,15 @@ def rewrite(gm: fx.GraphModule, plan: CascadePlan, cascade: ExitCascade, ext: li
 
 # -- batch specialisation --------------------------------------------------------------------
 def _variants(sub: fx.GraphModule, example: list, batch: int, buckets):
-    """Batch-size variants of one stage that reproduce the full-batch rows; always the full."""
+    """Batch-size variants of one stage that reproduce the full-batch rows; always the full.
+    A size the stage does not specialise to is left out (a batch that size is padded)."""
     full = {batch: StageVariant(sub, batch, example)}
-    sizes = sorted({b for b in (buckets or _pow2(batch)) if 0 < b < batch})
+    sizes = sorted({b for b in (buckets or candidates(batch)) if 0 < b < batch})
     if batch < 2 or not sizes:
         return full, "batch 1: no compaction needed" if batch < 2 else "no smaller buckets"
     with torch.no_grad():
         want = _as_tuple(sub(*example))
+    failed = []
     for b in sizes:
         small = [x[:b] if _batched(x, batch) else x for x in example]
         var = specialize(sub, batch, b, example)
@@ -253,18 +255,66 @@ def _variants(sub: fx.GraphModule, example: list, batch: int, buckets):
             log.debug("hwopt: early_exit stage does not run at batch %d: %s", b, e)
             ok = False
         if not ok:
-            return full, f"does not specialise to batch {b}: runs padded to {batch}"
+            failed.append(b)
+            continue
         propagate_meta(var, small)
         full[b] = StageVariant(var, b, small)
-    return full, f"batch sizes {sorted(full)}"
+    note = f"batch sizes {sorted(full)}"
+    return full, note + (f" (does not specialise to {failed}: padded)" if failed else "")
 
 
-def _pow2(batch: int) -> list[int]:
-    out, b = [], 1
-    while b < batch:
-        out.append(b)
-        b *= 2
-    return out
+def candidates(batch: int) -> list[int]:
+    """Sizes a stage may be specialised for: m * 2^k (m = 1, 3, 5, 7) below `batch`: every size
+    up to 8, and above it padding a compacted batch to the next size adds under a quarter."""
+    return sorted({m << k for m in (1, 3, 5, 7) for k in range(max(batch, 1).bit_length())
+                   if (m << k) < batch})
+
+
+def choose_variants(cascade, cost_model, max_variants: int, min_gain: float = 0.01) -> str:
+    """Keep, per stage, the batch sizes that pay on the observed run: ``cascade.stats.active``
+    (rows still running when the stage ran, per call, from the calibration run) weighted by
+    the cost model's latency of each variant. Greedy: from the full batch alone, add the size
+    that cuts the expected latency most while it cuts at least `min_gain` of it, up to
+    `max_variants` sizes; unused variants are dropped before lowering (no build for them).
+    A small prior over all sizes keeps a variant for counts the calibration did not show."""
+    notes = []
+    for k, stage in enumerate(cascade.stages):
+        seen = cascade.stats.active[k]
+        full = max(stage.sizes)
+        if len(stage.sizes) == 1:
+            continue
+        if not seen:  # never reached on calibration: powers of two, as a plain default
+            stage.keep([b for b in stage.sizes if b & (b - 1) == 0])
+            notes.append(f"{k}: {stage.sizes} (not reached)")
+            continue
+        try:
+            lat = {b: float(cost_model.graph_cost(stage.variants[f"b{b}"].graph).latency_s)
+                   for b in stage.sizes}
+        except Exception as e:  # noqa: BLE001 - keep every variant when the model cannot say
+            log.debug("hwopt: early_exit: no cost for stage %d variants: %s", k, e)
+            continue
+        calls = sum(seen.values())
+        prior = 0.05 * calls / full if any(n < full for n in seen) else 0.0
+        weights = {n: seen.get(n, 0) + prior for n in range(1, full + 1)}
+
+        def expected(sizes):
+            return sum(w * lat[next(b for b in sizes if b >= n)] for n, w in weights.items())
+
+        chosen = [full]
+        cost = expected(chosen)
+        while len(chosen) < max_variants:
+            trials = {b: expected(sorted(chosen + [b])) for b in stage.sizes if b not in chosen}
+            if not trials:
+                break
+            b, c = min(trials.items(), key=lambda kv: kv[1])
+            if cost - c < min_gain * cost:
+                break
+            chosen, cost = sorted(chosen + [b]), c
+        stage.keep(chosen)
+        notes.append(f"{k}: {chosen}")
+    if not notes:
+        return "batch sizes: no stage ran on fewer rows"
+    return "batch sizes kept by the cost model on the calibration run: " + "; ".join(notes)
 
 
 def _as_tuple(out) -> tuple:
