@@ -175,7 +175,7 @@ def bench_one(name, task, batch, executor, inductor, n_test):
         [ee(*b) for b in tests]
     stats = exit_stats(ee)
     times = interleaved({k: (lambda f=f: [f(*b) for b in tests]) for k, f in fns.items()},
-                        rounds=5, warmup=1, block=2, budget_s=60)
+                        rounds=15, warmup=1, block=2, budget_s=60)
     y = yte[:n]
 
     def acc(k):
