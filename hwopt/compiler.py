@@ -54,7 +54,12 @@ class Compiled:
     decision: str = ""  # the whole-graph executor decision (backend, executor="auto")
 
     def __call__(self, *inputs):
-        with torch.no_grad():
+        from hwopt.host_threads import mixes_torch_and_tvm, single_torch_thread
+
+        mixed = self.__dict__.get("_mixed")
+        if mixed is None:
+            mixed = self.__dict__["_mixed"] = mixes_torch_and_tvm(self.module)
+        with torch.no_grad(), single_torch_thread(mixed):
             out = self.module(*inputs)
         return out if isinstance(out, tuple) else (out,)
 

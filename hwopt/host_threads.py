@@ -7,6 +7,12 @@ thread pool needs for the next kernel. On 2 cores that made a 6-stage BERT casca
 than the same stages called back to back (10 ms vs 1.3 ms per sample). Those host ops are tiny,
 so they run on the calling thread only while such a container runs; the thread count is
 restored after. Containers whose compute runs in PyTorch keep PyTorch's threads.
+
+The same holds for a whole compiled graph that mixes PyTorch parts (regions PyTorch measured
+faster on their own, ops without a lowering, host dispatchers) with TVM regions: a mixture-of-
+experts graph whose gate ran in PyTorch on 2 threads before each expert's TVM kernel took 9-10 ms
+per call instead of 1.4 ms. `hwopt.compiler.Compiled` and the saved host plan run such graphs
+with one PyTorch thread; a graph that is one TVM region, or all PyTorch, is left alone.
 """
 from __future__ import annotations
 
@@ -34,3 +40,10 @@ def runs_in_tvm(module: torch.nn.Module) -> bool:
     from hwopt.lowering.region import TVMRegion
 
     return any(isinstance(m, TVMRegion) for m in module.modules())
+
+
+def mixes_torch_and_tvm(module: torch.nn.Module) -> bool:
+    """Whether `module` runs TVM regions and PyTorch code around them (not one region alone)."""
+    from hwopt.lowering.region import TVMRegion
+
+    return not isinstance(module, TVMRegion) and runs_in_tvm(module)

@@ -156,7 +156,11 @@ class PlanRunner:
         self.calls: dict[str, int] = {}  # per branch taken / loop iterations, for tests
 
     def __call__(self, *inputs) -> tuple:
-        with torch.no_grad():
+        from hwopt.host_threads import single_torch_thread
+
+        # host steps between TVM regions: one PyTorch thread (see hwopt.host_threads)
+        mixed = bool(self.regions) and "region" not in self.plan
+        with torch.no_grad(), single_torch_thread(mixed):
             return _flat(self.run(self.plan, list(inputs)))
 
     def _count(self, key: str, k: int = 1) -> None:
