@@ -264,10 +264,11 @@ def _variants(sub: fx.GraphModule, example: list, batch: int, buckets):
 
 
 def candidates(batch: int) -> list[int]:
-    """Sizes a stage may be specialised for: m * 2^k (m = 1, 3, 5, 7) below `batch`: every size
-    up to 8, and above it padding a compacted batch to the next size adds under a quarter."""
-    return sorted({m << k for m in (1, 3, 5, 7) for k in range(max(batch, 1).bit_length())
-                   if (m << k) < batch})
+    """Sizes a stage may be specialised for: those of `hwopt.dynamic.buckets.candidates` below
+    `batch` (every size up to 8, then each under a quarter larger than the one before)."""
+    from hwopt.dynamic.buckets import candidates as sizes
+
+    return [b for b in sizes(batch) if b < batch]
 
 
 def choose_variants(cascade, cost_model, max_variants: int, min_gain: float = 0.01) -> str:

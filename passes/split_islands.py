@@ -245,7 +245,8 @@ def _bucketed(sub, inputs, outputs, cfg, target, note: list):
         lat, how = bk.latencies(sub, example, dyn_in, sizes, target.cost_model)
         chosen = bk.choose(lat, n_max, cfg.max_buckets)
     note.append(f"{sub.__class__.__name__}: rows <= {n_max}, buckets {chosen} ({how})")
-    return bk.Bucketed(sub, dyn_in, dyn_out, chosen, how)
+    return bk.Bucketed(sub, dyn_in, dyn_out, chosen, how,
+                       lat if target is not None else None, cfg.max_buckets)
 
 
 def _upper(sym) -> int | None:

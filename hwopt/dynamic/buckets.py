@@ -81,9 +81,11 @@ def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def candidates(n_max: int) -> list[int]:
-    """Powers of two below `n_max`, and `n_max` itself."""
-    out = [1 << k for k in range(max(n_max, 1).bit_length()) if (1 << k) < n_max]
-    return out + [n_max]
+    """Sizes m * 2^k (m = 1, 3, 5, 7) below `n_max`, and `n_max` itself: every size up to 8,
+    and above it the next candidate is under a quarter larger."""
+    out = {m << k for m in (1, 3, 5, 7) for k in range(max(n_max, 1).bit_length())
+           if (m << k) < n_max}
+    return sorted(out) + [n_max]
 
 
 def latencies(sub: fx.GraphModule, example: list, dyn_in: tuple, sizes: list[int],
@@ -112,15 +114,20 @@ def latencies(sub: fx.GraphModule, example: list, dyn_in: tuple, sizes: list[int
 
 
 def choose(lat: dict, n_max: int, max_buckets: int, weights: dict | None = None) -> list[int]:
-    """The sizes (always including n_max) minimising expected latency over n = 1..n_max."""
+    """The sizes (always including n_max) minimising expected latency over n = 1..n_max: a size
+    serves the counts above the next smaller chosen one (prefix sums of the weights)."""
     sizes = sorted(lat)
     w = weights or {n: 1.0 for n in range(1, n_max + 1)}
+    prefix = list(itertools.accumulate(w.get(n, 0.0) for n in range(n_max + 1)))
     best, best_cost = [n_max], None
     rest = [s for s in sizes if s != n_max]
-    for k in range(0, min(max_buckets, len(sizes)) ):
+    for k in range(0, min(max_buckets, len(sizes))):
         for combo in itertools.combinations(rest, k):
-            chosen = sorted(combo) + [n_max]
-            cost = sum(wt * lat[next(b for b in chosen if b >= n)] for n, wt in w.items())
+            chosen = list(combo) + [n_max]
+            cost, low = 0.0, 0
+            for b in chosen:
+                cost += lat[b] * (prefix[b] - prefix[low])
+                low = b
             if best_cost is None or cost < best_cost - 1e-15:
                 best, best_cost = chosen, cost
     return best
@@ -141,10 +148,12 @@ class Bucketed(torch.nn.Module):
     """A sub-network with a dynamic leading dimension, compiled once per bucket size."""
 
     def __init__(self, sub: fx.GraphModule, dyn_in: tuple, dyn_out: tuple, buckets: list[int],
-                 how: str = ""):
+                 how: str = "", lat: dict | None = None, max_buckets: int = 0):
         super().__init__()
         self.sub, self.dyn_in, self.dyn_out = sub, tuple(dyn_in), tuple(dyn_out)
         self.buckets, self.how = sorted(buckets), how
+        # predicted latency per candidate size: the choice is made again on the rows seen
+        self.lat, self.max_buckets = lat, max_buckets
         self.stats = {"padded_rows": 0, "rows": 0, "eager_calls": 0}
         self._seen: list | None = None
 
@@ -154,9 +163,10 @@ class Bucketed(torch.nn.Module):
         if self._seen is None or not self.buckets:
             return None
         seen, self._seen = self._seen, None
+        n = seen[self.dyn_in[0]].shape[0]
+        self.rechoose(n)
         with torch.no_grad():
             want = self.sub(*seen)
-            n = seen[self.dyn_in[0]].shape[0]
             got = self.sub(*padded(seen, self.dyn_in, self.buckets[-1]))
         got = [g[:n] if i in self.dyn_out else g for i, g in enumerate(_flat(got))]
         if not all(torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got, _flat(want))):
@@ -171,6 +181,17 @@ class Bucketed(torch.nn.Module):
             propagate_meta(gm, ins)
             specs.append((f"b{b}", gm, ins))
         return specs
+
+    def rechoose(self, n: int) -> None:
+        """Choose the buckets again with the row count `n` seen on the example run weighted as
+        much as all sizes together (uniform): the sizes that run are rarely spread evenly."""
+        if not self.lat or not self.max_buckets or not 0 < n <= max(self.lat):
+            return
+        n_max = max(self.lat)
+        weights = {k: 1.0 for k in range(1, n_max + 1)}
+        weights[n] += n_max
+        self.buckets = choose(self.lat, n_max, self.max_buckets, weights)
+        self.how += f"; rows seen {n}: buckets {self.buckets}"
 
     def forward(self, *inputs):
         n = inputs[self.dyn_in[0]].shape[0]

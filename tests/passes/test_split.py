@@ -160,9 +160,27 @@ def test_row_independence_rejects_mixing_rows():
 
 def test_bucket_choice_keeps_the_largest_and_bounds_count():
     sizes = candidates(16)
-    assert sizes == [1, 2, 4, 8, 16]
+    assert sizes == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16]
+    assert candidates(40)[-4:] == [24, 28, 32, 40] and candidates(1) == [1]
     lat = {s: 1e-6 + s * 1e-6 for s in sizes}  # cost grows with rows: smaller buckets pay
     chosen = choose(lat, 16, 3)
     assert chosen[-1] == 16 and len(chosen) <= 3 and len(chosen) > 1
     flat = {s: 1e-3 for s in sizes}  # fixed cost: one bucket is enough
     assert choose(flat, 16, 3) == [16]
+    seen = {n: 1.0 for n in range(1, 17)}
+    seen[5] += 16  # a row count seen on the example run gets a bucket of its own
+    assert 5 in choose(lat, 16, 3, seen)
+
+
+def test_bucketed_rechooses_on_the_rows_seen():
+    from hwopt.dynamic.buckets import Bucketed
+
+    lat = {s: 1e-6 + s * 1e-6 for s in candidates(64)}
+    b = Bucketed(torch.fx.symbolic_trace(torch.nn.ReLU()), (0,), (0,), [16, 32, 48, 64],
+                 "cost", lat, 4)
+    b.rechoose(37)
+    assert 40 in b.buckets and b.buckets[-1] == 64 and len(b.buckets) <= 4
+    assert "rows seen 37" in b.how
+    fixed = Bucketed(torch.fx.symbolic_trace(torch.nn.ReLU()), (0,), (0,), [64])
+    fixed.rechoose(37)  # no latencies: the buckets stay
+    assert fixed.buckets == [64]
