@@ -77,7 +77,7 @@ def test_quantize_rounding_is_exact_and_vectorized():
         sched, choice = schedule_func(te.create_prim_func([A, out]), 16)
         assert choice.rule == "injective"
         mod = tvm.IRModule({"main": sched.with_attr("global_symbol", "main")})
-        ll = tvm.build(mod, target=TARGET).inspect_source("ll")
+        ll = tvm.tirx.build(mod, target=TARGET).inspect_source("ll")
         assert "masked.gather" not in ll and "llvm.nearbyint.v" in ll
         fin = np.isfinite(want) if out is R else np.isfinite(x)
         got = _run(sched, [x, np.zeros(x.shape, str(out.dtype))])[-1]
