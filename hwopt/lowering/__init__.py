@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from hwopt.errors import LoweringError
+from hwopt.host_threads import single_torch_thread
 from hwopt.lowering.partition import partition, unsupported_nodes
 from hwopt.lowering.region import RegionInfo, build_region
 
@@ -72,12 +73,15 @@ def lower(gm: fx.GraphModule, inputs, opts, cache, db) -> tuple[torch.nn.Module,
         rec = _InputRecorder(parent, names)
         rec.run(*inputs)
     infos = []
-    for name in names:
-        sub = getattr(parent, name)
-        module, info = _build_or_fallback(name, sub, rec.seen[name], opts, cache, db)
-        setattr(parent, name, module)
-        infos.append(info)
-    return parent, infos + _lower_nested(parent, opts, cache, db)
+    # PyTorch around TVM regions runs on one thread (hwopt.host_threads): each region's
+    # PyTorch-vs-TVM timing is taken that way too, as it will run
+    with single_torch_thread():
+        for name in names:
+            sub = getattr(parent, name)
+            module, info = _build_or_fallback(name, sub, rec.seen[name], opts, cache, db)
+            setattr(parent, name, module)
+            infos.append(info)
+        return parent, infos + _lower_nested(parent, opts, cache, db)
 
 
 def _lower_nested(parent: fx.GraphModule, opts, cache, db) -> list[RegionInfo]:
