@@ -188,3 +188,23 @@ def test_nchw_to_nhwc_input_vectorizes_width():
     x = _rand(1, 3, 8, 32)
     out = _run(sched, [x, np.zeros((1, 8, 32, 3), "float32")])[-1]
     np.testing.assert_array_equal(out, x.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("perm,shape", [((0, 2, 3, 1), (1, 128, 4, 64)),  # K^T per head
+                                        ((0, 2, 1, 3), (1, 128, 4, 64)),  # head split: plain
+                                        ((1, 0), (48, 32))])
+def test_transposing_copies_tile_through_a_local_buffer(perm, shape):
+    from tvm import topi
+
+    rows = shape[0] * shape[1] if len(shape) == 4 else shape[0]
+    A = te.placeholder((rows, math.prod(shape) // rows), name="A")
+    T = topi.transpose(topi.reshape(A, shape), perm)
+    sched, choice = schedule_func(te.create_prim_func([A, T]), 16)
+    tiled = dict(choice.params).get("tile_transpose") == 1
+    # the output's inner axis reads a strided input axis only for K^T and the 2-D transpose
+    assert tiled == (perm != (0, 2, 1, 3))
+    assert ('scope="local"' in sched.script()) == tiled
+    a = _rand(*(int(d) for d in A.shape))
+    want = a.reshape(shape).transpose(perm)
+    got = _run(sched, [a, np.zeros(want.shape, "float32")])[-1]
+    np.testing.assert_array_equal(got, want)
