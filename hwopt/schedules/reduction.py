@@ -92,6 +92,16 @@ def _fuse_rows(sch: s_tir.Schedule, lanes: int) -> None:
             vectorize_tail(sch, inner[-1], lanes)
     parallel_outer(sch, [rows], work)
     for rf in partials:
+        # compute_at leaves (rows, partials, reduced, unit): the partials go innermost, as
+        # vector lanes (vectorizing the unit loop left every row reduction scalar)
+        loops = [lp for lp in sch.get_loops(rf)[1:] if int(sch.get(lp).extent) > 1]
+        if len(loops) == 2 and int(sch.get(loops[0]).extent) == lanes:
+            part, red = loops
+            sch.reorder(red, part)
+            sch.vectorize(part)
+            init = sch.decompose_reduction(rf, red)
+            sch.vectorize(sch.get_loops(init)[-1])
+            continue
         *_, outer, inner = sch.get_loops(rf)
         sch.vectorize(inner)
         init = sch.decompose_reduction(rf, outer)

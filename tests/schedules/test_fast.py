@@ -105,6 +105,8 @@ def test_row_reduction_is_vectorized():
     assert choice.rule == "reduction" and dict(choice.params) == {"fuse_rows": 1}
     text = sched.script()
     assert "_rf" in text and "T.vectorized" in text
+    # the partial sums are the vector lanes of both row reductions (not a unit loop)
+    assert text.count(f"T.vectorized({LANES})") >= 5
     a = _rand(12, 64)
     out = _run(sched, [a, np.zeros_like(a)])[-1]
     ref = (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-5)
