@@ -209,14 +209,14 @@ class Bucketed(torch.nn.Module):
         out = _flat(fn(*padded(list(inputs), self.dyn_in, b)))
         return tuple(o[:n] if i in self.dyn_out else o for i, o in enumerate(out))
 
-
     def _runs_tvm(self, b: int, fn) -> bool:
-        """Whether the compiled bucket `fn` has a TVM region (else it is the graph itself)."""
+        """Whether the compiled bucket `fn` has a TVM region (else it is the graph itself);
+        looked up once per bucket module, not on every call."""
         memo = self.__dict__.setdefault("_tvm_memo", {})
         if memo.get(b, (None,))[0] is not fn:
-            from hwopt.lowering.region import TVMRegion
+            from hwopt.host_threads import runs_in_tvm
 
-            memo[b] = (fn, any(isinstance(m, TVMRegion) for m in fn.modules()))
+            memo[b] = (fn, runs_in_tvm(fn))
         return memo[b][1]
 
 

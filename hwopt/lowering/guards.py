@@ -101,21 +101,17 @@ def clip_takes(mod):
     range, so "clip" gives the same numbers; it adds a min/max per read, not measurable next to
     the gather's memory traffic, and makes an unguarded index clamp instead of crash.
     """
-    import tvm
     from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    take = tvm.ir.Op.get("relax.take")
+    pattern = is_op("relax.take")(wildcard(), wildcard())
 
-    @relax.expr_functor.mutator
-    class _Clip(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            if call.op.same_as(take) and call.attrs.mode == "fast":
-                return relax.op.take(call.args[0], call.args[1], axis=call.attrs.axis,
-                                     mode="clip")
-            return call
+    def clip(orig, _):
+        if orig.attrs.mode != "fast":
+            return orig
+        return relax.op.take(orig.args[0], orig.args[1], axis=orig.attrs.axis, mode="clip")
 
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            mod[gv] = _Clip(mod).visit_expr(func)
+            mod[gv] = rewrite_call(pattern, clip, func)
     return mod
