@@ -17,9 +17,10 @@ Two kinds of exit, one runtime (hwopt/exit_runtime.py):
 Samples leave one by one: the batch is compacted and the later stages run on the samples still
 active (hwopt.exit_runtime.ExitCascade), padded up to a batch size the stage was specialised
 for; which sizes is chosen per stage with the target's cost model from the row counts each stage
-ran on in the calibration run (``early_exit_stages.choose_variants``). The threshold is calibrated from ``calibration`` to a
-quality target vs full compute (mean per-sample cosine, or argmax agreement) within the pass
-tolerance (passes/early_exit_calibrate.py); without calibration a conservative default is used.
+ran on in the calibration run (``early_exit_stages.choose_variants``). The threshold is
+calibrated from ``calibration`` to a quality target vs full compute (mean per-sample cosine, or
+argmax agreement) within the pass tolerance (passes/early_exit_calibrate.py); without
+calibration a conservative default is used.
 The exit histogram (stages run per sample) goes into the pass notes, and `exit_stats(compiled)`
 gives it at run time.
 
@@ -40,8 +41,14 @@ from hwopt.errors import OptionError
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
 from .early_exit_calibrate import calibrate, default_stats, observe
-from .early_exit_stages import (CascadePlan, build_cascade, check, choose_variants, record_values,
-                                rewrite)
+from .early_exit_stages import (
+    CascadePlan,
+    build_cascade,
+    check,
+    choose_variants,
+    record_values,
+    rewrite,
+)
 from .lazy_cache import _plan_block, find_blocks
 
 log = logging.getLogger("hwopt")
@@ -60,8 +67,8 @@ class EarlyExitConfig:
     similarity_threshold: float = 0.9999
     confidence_threshold: float = 0.999
     first_exit: int = 1  # similarity: earliest block index after which a sample may leave
-    # batch sizes stages are specialised for; None: candidates 2^k, 3*2^k of which the cost
-    # model keeps up to max_variants per stage for the row counts seen on calibration
+    # batch sizes stages are specialised for; None: candidates m*2^k (m = 1, 3, 5, 7) of which
+    # the cost model keeps up to max_variants per stage for the row counts seen on calibration
     buckets: tuple | None = None
     max_variants: int = 6
     quantiles: int = 41  # candidate thresholds: quantiles of the calibration scores

@@ -274,10 +274,12 @@ def candidates(batch: int) -> list[int]:
 def choose_variants(cascade, cost_model, max_variants: int, min_gain: float = 0.01) -> str:
     """Keep, per stage, the batch sizes that pay on the observed run: ``cascade.stats.active``
     (rows still running when the stage ran, per call, from the calibration run) weighted by
-    the cost model's latency of each variant. Greedy: from the full batch alone, add the size
-    that cuts the expected latency most while it cuts at least `min_gain` of it, up to
-    `max_variants` sizes; unused variants are dropped before lowering (no build for them).
-    A small prior over all sizes keeps a variant for counts the calibration did not show."""
+    the cost model's latency of each variant, chosen as shape buckets are
+    (`hwopt.dynamic.buckets.choose`: up to `max_variants` sizes, each further one only while it
+    cuts the expected latency by `min_gain`); unused variants are dropped before lowering (no
+    build for them). A small prior over all sizes keeps a variant for counts not seen."""
+    from hwopt.dynamic.buckets import choose
+
     notes = []
     for k, stage in enumerate(cascade.stages):
         seen = cascade.stats.active[k]
@@ -297,20 +299,7 @@ def choose_variants(cascade, cost_model, max_variants: int, min_gain: float = 0.
         calls = sum(seen.values())
         prior = 0.05 * calls / full if any(n < full for n in seen) else 0.0
         weights = {n: seen.get(n, 0) + prior for n in range(1, full + 1)}
-
-        def expected(sizes):
-            return sum(w * lat[next(b for b in sizes if b >= n)] for n, w in weights.items())
-
-        chosen = [full]
-        cost = expected(chosen)
-        while len(chosen) < max_variants:
-            trials = {b: expected(sorted(chosen + [b])) for b in stage.sizes if b not in chosen}
-            if not trials:
-                break
-            b, c = min(trials.items(), key=lambda kv: kv[1])
-            if cost - c < min_gain * cost:
-                break
-            chosen, cost = sorted(chosen + [b]), c
+        chosen = choose(lat, full, max_variants, weights, min_gain)
         stage.keep(chosen)
         notes.append(f"{k}: {chosen}")
     if not notes:

@@ -113,23 +113,32 @@ def latencies(sub: fx.GraphModule, example: list, dyn_in: tuple, sizes: list[int
     return out, "concrete cost per bucket"
 
 
-def choose(lat: dict, n_max: int, max_buckets: int, weights: dict | None = None) -> list[int]:
+def choose(lat: dict, n_max: int, max_buckets: int, weights: dict | None = None,
+           min_gain: float = 0.0) -> list[int]:
     """The sizes (always including n_max) minimising expected latency over n = 1..n_max: a size
-    serves the counts above the next smaller chosen one (prefix sums of the weights)."""
+    serves the counts above the next smaller chosen one (prefix sums of the weights). With
+    `min_gain`, one more size is taken only while it cuts the expected latency by that share
+    (each size is one more build)."""
     sizes = sorted(lat)
     w = weights or {n: 1.0 for n in range(1, n_max + 1)}
     prefix = list(itertools.accumulate(w.get(n, 0.0) for n in range(n_max + 1)))
     best, best_cost = [n_max], None
     rest = [s for s in sizes if s != n_max]
     for k in range(0, min(max_buckets, len(sizes))):
+        k_best, k_cost = None, None
         for combo in itertools.combinations(rest, k):
             chosen = list(combo) + [n_max]
             cost, low = 0.0, 0
             for b in chosen:
                 cost += lat[b] * (prefix[b] - prefix[low])
                 low = b
-            if best_cost is None or cost < best_cost - 1e-15:
-                best, best_cost = chosen, cost
+            if k_cost is None or cost < k_cost - 1e-15:
+                k_best, k_cost = chosen, cost
+        if best_cost is not None and k_cost > best_cost * (1 - min_gain) - 1e-15:
+            if min_gain:
+                break  # one more size no longer pays for its build
+            continue
+        best, best_cost = k_best, k_cost
     return best
 
 
