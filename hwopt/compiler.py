@@ -18,6 +18,7 @@ from hwopt.cache import CompileCache
 from hwopt.capture import Captured
 from hwopt.errors import OptionError, did_you_mean
 from hwopt.graph import propagate_meta
+from hwopt.host_threads import mixes_torch_and_tvm, single_torch_thread
 from hwopt.lowering import lower
 from hwopt.lowering.region import RegionInfo
 from hwopt.options import Options
@@ -54,8 +55,6 @@ class Compiled:
     decision: str = ""  # the whole-graph executor decision (backend, executor="auto")
 
     def __call__(self, *inputs):
-        from hwopt.host_threads import mixes_torch_and_tvm, single_torch_thread
-
         mixed = self.__dict__.get("_mixed")
         if mixed is None:
             mixed = self.__dict__["_mixed"] = mixes_torch_and_tvm(self.module)

@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from hwopt.dynamic.buckets import Bucketed, padded
 from hwopt.dynamic.control import CondOp, IslandOp, WhileOp
 from hwopt.errors import HwoptError
+from hwopt.host_threads import single_torch_thread
 
 log = logging.getLogger("hwopt")
 PLAN_VERSION = 1
@@ -156,8 +157,6 @@ class PlanRunner:
         self.calls: dict[str, int] = {}  # per branch taken / loop iterations, for tests
 
     def __call__(self, *inputs) -> tuple:
-        from hwopt.host_threads import single_torch_thread
-
         # host steps between TVM regions: one PyTorch thread (see hwopt.host_threads)
         mixed = bool(self.regions) and "region" not in self.plan
         with torch.no_grad(), single_torch_thread(mixed):
