@@ -30,7 +30,8 @@ _LAYOUT_VIEWS = {"t", "slice", "select", "permute", "transpose", "expand", "spli
                  "split_with_sizes", "unbind", "narrow", "as_strided", "chunk"}
 _VIEW_OPS = _FREE_VIEWS | _LAYOUT_VIEWS
 _MATMUL = {"mm", "addmm", "linear", "matmul"}
-_BMM = {"bmm", "baddbmm", "scaled_dot_product_attention", "attention"}  # + hwopt::attention
+# + hwopt::attention, hwopt::qattention
+_BMM = {"bmm", "baddbmm", "scaled_dot_product_attention", "attention", "qattention"}
 _REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "prod", "cumsum",
               "argmax", "argmin", "avg_pool2d", "max_pool2d", "max_pool2d_with_indices",
               "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "logsumexp", "norm"}
@@ -246,7 +247,7 @@ def _gemm_work(node, cls, name, dt, ins, out_b) -> Work:
     if name in ("addmm", "baddbmm") and len(ins) == 3:  # (bias, x, w): data and weight first
         mats, bias = list(ins[1:]), [ins[0]]
     os_ = shape(out)
-    if name in ("scaled_dot_product_attention", "attention"):
+    if name in ("scaled_dot_product_attention", "attention", "qattention"):
         q, kv = shape(_val(ins[0][0])), shape(_val(ins[1][0]))
         b, m, e, s = math.prod(q[:-2]), q[-2], q[-1], kv[-2]
         macs = b * m * s * e * 2

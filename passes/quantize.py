@@ -63,6 +63,7 @@ class QuantizeConfig:
     percentile: float = 99.99  # for observer="percentile"
     depthwise: bool = False  # quantize depthwise/grouped convs too
     use_cost_model: bool = True  # keep a layer fp32 when the target's cost model predicts no gain
+    attention: bool = True  # fused attention on int8 q/k/v -> integer matmuls (qattention)
     min_gain: float = 0.1  # ... i.e. int8 is not predicted at least this fraction faster
 
     def __post_init__(self):
@@ -122,6 +123,8 @@ class Quantize(Pass):
             elif dec["dtype"] in FP8_DTYPES:
                 rewrite_fp8(gm, L, dec["dtype"])
                 changed += 1
+        if changed and cfg.attention:
+            notes += quantize_attention(gm, cfg, batches, ctx.target)
         if changed:
             remove_unused_constants(gm)
             gm.recompile()
@@ -134,6 +137,13 @@ class Quantize(Pass):
         for node in gm.graph.nodes:
             meta = node.meta.get("hwopt_quant")
             if not meta or meta["dtype"] != "int8":
+                continue
+            if node.target is torch.ops.hwopt.qattention.default:
+                bad = [a for a in node.args[:3] if a.meta.get("val") is not None
+                       and a.meta["val"].dtype != torch.int8]
+                if bad:
+                    raise PassError(f"quantize: int8 attention {node.name} reads non-int8 "
+                                    f"{', '.join(a.name for a in bad)}")
                 continue
             ins = [a for a in node.args[:3] if isinstance(a, fx.Node)]
             if not any(a.target is qd.dequantize_per_tensor.default for a in ins):
@@ -387,6 +397,35 @@ def rewrite_fp8(gm: fx.GraphModule, L: Layer, dtype: str) -> None:
     new = add_constant(gm, fp8_round_trip(w, dtype, 0 if L.kind == "conv" else 1), L.node,
                        "w_" + dtype)
     L.node.replace_input_with(L.w, new)
+
+
+def quantize_attention(gm: fx.GraphModule, cfg: QuantizeConfig, batches, target) -> list[str]:
+    """Step 5: int8 attention where its inputs are int8 and it pays; notes per attention."""
+    from . import quantize_attention as qa
+
+    found = qa.candidates(gm)
+    if not found:
+        return []
+    spec = getattr(target, "spec", None)
+    db = qa.attention_sqnr(gm, found, batches)
+    notes = []
+    for node, srcs in found:
+        name = node.name
+        gain = _cost_gain(node, target) if cfg.use_cost_model and target is not None else None
+        if spec is not None and ("int8" not in spec.dtypes or "int8" not in spec.peak_flops):
+            why = f"fp32 - target {target.name} has no int8 compute"
+        elif gain is not None and gain[1] > gain[0] * (1 - cfg.min_gain):
+            why = (f"fp32 - cost model of {target.name} predicts no gain ({gain[0] * 1e6:.2f} us "
+                   f"fp32 vs {gain[1] * 1e6:.2f} us int8)")
+        elif db[node] < cfg.min_sqnr_db:
+            why = f"fp32 - SQNR {db[node]:.1f} dB < min_sqnr_db {cfg.min_sqnr_db}"
+        else:
+            new = qa.rewrite(gm, node, srcs)
+            new.meta["hwopt_quant"] = _decision("int8", f"SQNR {db[node]:.1f} dB", db[node])
+            why = f"int8 - SQNR {db[node]:.1f} dB"
+        notes.append(f"{name} (attention): {why}")
+    gm.graph.eliminate_dead_code()
+    return notes
 
 
 def _graph_sqnr(gm, batches, stats: Stats) -> float:

@@ -58,14 +58,19 @@ def _(q, k, v, mask, scale):
 
 
 def decompose(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` whose ``hwopt::attention`` nodes call `reference` (plain ATen ops when
-    traced), for consumers that do not know the op, e.g. ONNX export."""
+    """A copy of `gm` whose ``hwopt::attention`` (and int8 ``hwopt::qattention``) nodes call
+    their reference (plain ATen ops when traced), for consumers that do not know the ops, e.g.
+    ONNX export."""
     import copy
 
+    from hwopt.lowering import qattention
+
+    refs = {torch.ops.hwopt.attention.default: reference,
+            torch.ops.hwopt.qattention.default: qattention.reference}
     out = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     for node in out.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.hwopt.attention.default:
-            node.target = reference
+        if node.op == "call_function" and node.target in refs:
+            node.target = refs[node.target]
     out.recompile()
     return out
 

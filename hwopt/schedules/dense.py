@@ -66,6 +66,22 @@ def _uses(expr, var) -> bool:
     return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
+def inline_side_inputs(sch: s_tir.Schedule, mm) -> None:
+    """Inline the blocks before the matmul that only feed its epilogue (a key-padded mask:
+    ``pad(mask)`` fused in front of ``QK^T * scale + mask``), which otherwise stop the epilogue
+    from folding into the register tile's write-back."""
+    operands = {r.source for r in sch.get(mm).reads}
+    names = [block_name(sch, b) for b in blocks(sch)]
+    for name in names[:names.index(block_name(sch, mm))]:
+        blk = sch.get(sch.get_sblock(name))
+        if any(w.source.same_as(o) for w in blk.writes for o in operands):
+            continue
+        try:
+            sch.compute_inline(sch.get_sblock(name))
+        except Exception:  # noqa: BLE001 - stays its own loop nest
+            pass
+
+
 def _shape(sch: s_tir.Schedule, block) -> tuple[int, int, int, int]:
     """(batch, M, N, K) of the matmul block."""
     sizes = extents(sch, sch.get_loops(block))
@@ -114,6 +130,7 @@ class Dense:
         mr, nr, ku = params["mr"], params["nr"], params["k_unroll"]
         sch = s_tir.Schedule(func)
         mm = _mm_block(sch)
+        inline_side_inputs(sch, mm)
         batch, m, n, k = _shape(sch, mm)
         mm_name = block_name(sch, mm)
         pad = [1] * (len(sch.get_loops(mm)) - 3) + [mr if m % mr else 1, nr if n % nr else 1, 1]

@@ -47,7 +47,7 @@ from .common import (
     vectorize_tail,
 )
 from .conv2d import PREPACK, _conv_block, _schedule_pad
-from .dense import _mm_block, _schedule_copy, _shape
+from .dense import _mm_block, _schedule_copy, _shape, inline_side_inputs
 
 _MIN_ROWS = 1
 _LLVM = {8: "llvm.x86.avx2.pmadd.wd", 16: "llvm.x86.avx512.pmaddw.d.512"}
@@ -234,8 +234,10 @@ class Conv2dNHWCDot:
         return sch.mod["main"]
 
 
-def _pack(sch: s_tir.Schedule, block, index_map, out_axis: int, lanes: int):
-    """Copy the weight operand (the read indexed by iter var `out_axis`) into `index_map` layout."""
+def _pack(sch: s_tir.Schedule, block, index_map, out_axis: int, lanes: int,
+          prepack: bool = True):
+    """Copy the weight operand (the read indexed by iter var `out_axis`) into `index_map` layout;
+    with `prepack` (constant weights) the copy is marked to move out of the kernel."""
     blk = sch.get(block)
     f = blk.iter_vars[out_axis].var
     idx = next(n for n, r in enumerate(blk.reads)
@@ -243,9 +245,8 @@ def _pack(sch: s_tir.Schedule, block, index_map, out_axis: int, lanes: int):
                and any(_uses(rg.min, f) for rg in r.region))
     wb = sch.cache_read(block, idx, "global")
     sch.transform_layout(wb, ("write", 0), index_map)
-    # Weights are constants: `prepack_weights` moves this copy out of the kernel, and Relax
-    # folds it at compile time.
-    sch.annotate(wb, PREPACK, 1)
+    if prepack:  # `prepack_weights` moves this copy out of the kernel; Relax folds it
+        sch.annotate(wb, PREPACK, 1)
     loops = sch.get_loops(wb)
     total = math.prod(extents(sch, loops))
     vectorize_tail(sch, loops[-1], lanes)
@@ -258,7 +259,10 @@ def _uses(expr, var) -> bool:
 
 
 class DenseDot:
-    """Integer matmul (activations [.., M, K] x weights [K, N]) on `dot`, register-tiled."""
+    """Integer matmul on `dot`, register-tiled: activations [.., M, K] x weights [K, N]
+    (constants, packed at compile time), or batched [B.., M, K] x [B.., K, N] with both operands
+    computed at run time (int8 attention, ``hwopt.lowering.qattention``): each batch's B is
+    packed inside the kernel, (batch, column panel) run in parallel."""
 
     def __init__(self, dot: Dot):
         self.dot, self.name = dot, f"dense_{dot.name}"
@@ -268,14 +272,13 @@ class DenseDot:
         mm = _mm_block(sch)
         if mm is None or not _int_mac(sch, mm, self.dot):
             return False
-        blk = sch.get(mm)
-        return len(blk.iter_vars) == 3  # plain 2-D matmul (batched: fp32 rule)
+        return True
 
     def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
         if lanes not in self.dot.lanes:
             return []
         sch = s_tir.Schedule(func)
-        _, m, n, k = _shape(sch, _mm_block(sch))
+        batch, m, n, k = _shape(sch, _mm_block(sch))
         if n % lanes or k % self.dot.k or m < _MIN_ROWS:
             return []
         cands = []
@@ -292,11 +295,14 @@ class DenseDot:
         mr, nr = params["mr"], params["nr"]
         sch = s_tir.Schedule(func)
         mm = _mm_block(sch)
-        _, m, n, k = _shape(sch, mm)
+        inline_side_inputs(sch, mm)
+        mm = _mm_block(sch)
+        batch, m, n, k = _shape(sch, mm)
+        nb = len(sch.get_loops(mm)) - 3
         name, padded = block_name(sch, mm), m % mr != 0
         before = {block_name(sch, b) for b in blocks(sch)}
         if padded:  # zero rows up to a multiple of mr: a copy of A before, an unpad after
-            sch.pad_einsum(mm, [mr, 1, 1])
+            sch.pad_einsum(mm, [1] * nb + [mr, 1, 1])
             mm = sch.get_sblock(name)
         pre, epi = _split_epilogue(sch, mm)
         copies = [b for b in pre if b not in before]
@@ -305,21 +311,23 @@ class DenseDot:
         cache = sch.cache_write(mm, 0, "global")
         if epi and not padded:
             sch.reverse_compute_inline(sch.get_sblock(epi[-1]))
-        i, j, kk = sch.get_loops(mm)
+        *bl, i, j, kk = sch.get_loops(mm)
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         jv, jl = sch.split(ji, [None, lanes])
         kd = self.dot.k
         ko, ki = sch.split(kk, [None, kd])
-        sch.reorder(jo, io, ko, ii, jv, jl, ki)
+        sch.reorder(*bl, jo, io, ko, ii, jv, jl, ki)
         sch.reverse_compute_at(cache, io)
         if epi and padded:  # the epilogue reads the padded tile: right after it, valid rows
             sch.reverse_compute_at(sch.get_sblock(epi[-1]), io)
             vectorize_tail(sch, sch.get_loops(sch.get_sblock(epi[-1]))[-1], lanes)
-        parallel_outer(sch, [jo, io] if n // nr < 2 else [jo], m * n * k)
+        few = batch * (n // nr) < 2
+        parallel_outer(sch, [*bl, jo, io] if few else [*bl, jo], batch * m * n * k)
         for blk in copies:
             _schedule_copy(sch, sch.get_sblock(blk), lanes)
-        _pack(sch, mm, lambda a, b: (b // nr, a // kd, b % nr, a % kd), 1, lanes)
+        _pack(sch, mm, lambda *x: (*x[:-2], x[-1] // nr, x[-2] // kd, x[-1] % nr, x[-2] % kd),
+              nb + 1, lanes, prepack=not bl)
         sch.decompose_reduction(mm, ko)
         sch.tensorize(jl, self.dot.intrin(lanes))
         sch.unroll(jv)

@@ -72,7 +72,7 @@ def _lead_spatial(sch: s_tir.Schedule, bs) -> int:
 
 
 def _fuse_rows(sch: s_tir.Schedule, lanes: int) -> None:
-    partials = [rf for b in blocks(sch)[:-1] if (rf := _rfactor(sch, b, lanes)) is not None]
+    partials = [rf for b in blocks(sch) if (rf := _rfactor(sch, b, lanes)) is not None]
     bs = blocks(sch)
     lead = _lead_spatial(sch, bs)
     if lead == 0:
@@ -112,14 +112,17 @@ def _rfactor(sch: s_tir.Schedule, block, lanes: int):
     """Split a row reduction into ``lanes`` partial results (a block to vectorize), or None.
 
     Row sums / maxima then run as vector ops along the row plus one short scalar pass over the
-    ``lanes`` partials.  Only for a float reduction whose innermost loop is the reduced axis.
+    ``lanes`` partials.  Only for a float or int32 reduction whose innermost loop is the reduced
+    axis (any block, also the func's last: a lone ``max`` of a mask or of int8 attention scores
+    ran scalar, 25 us for 591 rows of 208 against 3.2 us).
     """
     kinds = iter_kinds(sch, block)
     loop = sch.get_loops(block)[-1]
     n = int(sch.get(loop).extent)
     if "R" not in kinds or kinds[-1] != "R" or n % lanes or n < 2 * lanes:
         return None
-    if not vector_safe(sch, block) or "float" not in str(sch.get(block).writes[0].source.dtype):
+    dtype = str(sch.get(block).writes[0].source.dtype)
+    if not vector_safe(sch, block) or not (dtype.startswith("float") or dtype == "int32"):
         return None
     _, inner = sch.split(loop, [None, lanes])
     spatial = kinds.count("S")
