@@ -22,13 +22,14 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
     """
     from tvm.relax.frontend.torch import from_exported_program
 
-    from hwopt.lowering import attention, extra_ops, qattention, qdq, sparse
+    from hwopt.lowering import attention, extra_ops, qattention, qdq, qlut, sparse
 
     convert = dict(extra_ops.CONVERTERS)
     if qdq.has_quantized(gm):  # int8 layers -> integer kernels (see hwopt.lowering.qdq)
         qdq.fuse_int8_layers(gm)  # pruned layers (hwopt::sparse_*) -> hwopt.lowering.sparse
+        qlut.fold_tables(gm)  # int8 -> int8 activations (GELU between linears) -> tables
         convert.update({**qdq.converters(int8_dot), **sparse.CONVERTERS, **attention.CONVERTERS,
-                        **qattention.converters(int8_dot)})
+                        **qattention.converters(int8_dot), **qlut.CONVERTERS})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ep = torch.export.export(gm, tuple(example_inputs), strict=False)
