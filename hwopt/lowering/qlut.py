@@ -2,8 +2,9 @@
 
 In a quantized graph an activation between two int8 layers reads as ``Q(f(DQ(x_q)))`` (GELU
 between a transformer's two MLP linears). Its result depends only on the 256 values of the int8
-input, so `fold_tables` replaces it (any elementwise ops of that one input, up to 16) by ``hwopt::int8_lut(x_q, table)`` whose table is that very
-computation run by PyTorch on all 256 inputs: bit-exact to the fake-quant graph, and the kernel
+input, so `fold_tables` replaces it (any elementwise ops of that one input, up to 16) by
+``hwopt::int8_lut(x_q, table)`` whose table is that very computation run by PyTorch on all 256
+inputs: bit-exact to the fake-quant graph, and the kernel
 does one gather per element instead of evaluating erf (the GELU epilogue cost ViT's first MLP
 linear 55 of 135 us). Runs in ``relax_import.to_relax`` after ``qdq.fuse_int8_layers``.
 """
