@@ -31,8 +31,10 @@ class LLVMLowering:
 
     def schedule(self, mod, tvm_target, pick=None, override=None):
         from hwopt.schedules import schedule_module
+        from hwopt.schedules.lookup import use_vbmi_lookups
 
-        return schedule_module(mod, lanes=self.lanes, pick=pick, override=override)
+        mod, choices = schedule_module(mod, lanes=self.lanes, pick=pick, override=override)
+        return use_vbmi_lookups(mod, tvm_target, choices)  # int8 table lookups (AVX-512 VBMI)
 
     def measure(self, func, tvm_target) -> float:
         """Seconds of one call of a scheduled PrimFunc (only where the code runs here)."""

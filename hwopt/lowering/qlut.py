@@ -108,13 +108,27 @@ def fold_tables(gm: fx.GraphModule) -> int:
     return count
 
 
-def _int8_lut(node, imp):
-    from tvm import relax
+def _lookup_te(x, table):
+    from tvm import te, tirx
 
-    bb, op = imp.block_builder, relax.op
+    from hwopt.schedules.lookup import BLOCK
+
+    def at(*i):
+        idx = tirx.Cast("int32", x(*i)) + 128
+        return table[tirx.max(tirx.min(idx, 255), 0)]
+
+    return te.compute(x.shape, at, name=BLOCK)
+
+
+def _int8_lut(node, imp):
+    """A lookup func of its own (kept out of fusion: hwopt.schedules.lookup rewrites it whole
+    where the target has VBMI; else the injective rule schedules it)."""
+    bb = imp.block_builder
     x, table = imp.retrieve_args(node)
-    idx = bb.emit(op.add(bb.emit(op.astype(x, "int32")), relax.const(128, "int32")))
-    return bb.emit(op.take(table, idx, axis=0, mode="clip"))
+    call = bb.call_te(_lookup_te, x, table, primfunc_name_hint="int8_lut")
+    gv = call.args[0]
+    bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # kOpaque: not fused
+    return bb.emit(call)
 
 
 CONVERTERS = {"int8_lut.default": _int8_lut}

@@ -3,6 +3,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import tvm
 from hwopt.targets.cpu import TARGET as CPU
 
 import hwopt
@@ -10,6 +11,7 @@ from hwopt.capture import from_module
 from hwopt.lowering.qdq import fuse_int8_layers, max_output_lsb
 from hwopt.lowering.qlut import fold_tables
 from hwopt.pass_base import PassContext, get_pass
+from hwopt.schedules.lookup import has_vbmi
 
 LUT = torch.ops.hwopt.int8_lut.default
 
@@ -54,6 +56,8 @@ def test_compiled_table_matches_fake_quant():
     (region,) = art.compiled.regions
     assert region.executor == "tvm"
     assert not any("gelu" in k or "erf" in k for k in region.kernels), list(region.kernels)
+    lut = [c[0] for k, c in region.kernels.items() if "int8_lut" in k]
+    assert lut == (["lookup_vbmi"] if has_vbmi(tvm.target.Target(CPU.tvm())) else ["injective"])
     fake = art.compiled.graph
     with torch.no_grad():
         for batch in (x, torch.randn(8, 32)):
