@@ -16,15 +16,11 @@ import torch
 import torch.fx as fx
 
 import hwopt.lowering.qattention  # noqa: F401  (registers torch.ops.hwopt.qattention)
-from hwopt.lowering.qdq import _MOVES
+from hwopt.lowering.qdq import _MOVES, _is, per_tensor_int8
 from hwopt.quant import QMAX, QMIN, sqnr
 
 qd = torch.ops.quantized_decomposed
 _SQNR_BATCHES = 4
-
-
-def _is(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
 def _int8_source(node):
@@ -33,9 +29,7 @@ def _int8_source(node):
     while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _MOVES:
         chain.append(node)
         node = node.args[0]
-    if not _is(node, qd.dequantize_per_tensor.default) or node.kwargs.get("out_dtype") or \
-            tuple(node.args[3:6]) != (QMIN, QMAX, torch.int8) or \
-            not all(isinstance(a, (int, float)) for a in node.args[1:3]):
+    if not per_tensor_int8(node, qd.dequantize_per_tensor.default):
         return None
     return chain, node
 

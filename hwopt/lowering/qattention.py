@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from hwopt.lowering.attention import _pad_keys
+from hwopt.lowering.qdq import _Emitter
 
 E_LEVELS = 255.0  # exp(S - max) in (0, 1] -> uint8 0..255
 
@@ -60,24 +61,6 @@ def _(q, k, v, mask, scale, q_scale, q_zp, k_scale, k_zp, v_scale, v_zp):
     return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32)
 
 
-class _Ops:
-    """Emit Relax ops as bindings of the importer's block builder."""
-
-    def __init__(self, imp):
-        from tvm import relax
-
-        self.bb, self.op, self.relax = imp.block_builder, relax.op, relax
-
-    def __call__(self, name: str, *args, **kwargs):
-        fn = self.op
-        for part in name.split("."):
-            fn = getattr(fn, part)
-        return self.bb.emit(fn(*args, **kwargs))
-
-    def const(self, value, dtype: str):
-        return self.relax.const(value, dtype)
-
-
 def _args(node, imp):
     q, k, v, mask, scale, qs, qz, ks, kz, vs, vz = imp.retrieve_args(node)
     rank = len(node.args[0].meta["val"].shape)
@@ -87,7 +70,7 @@ def _args(node, imp):
     return q, k, v, mask, rank, (scale, qs, int(qz), ks, int(kz), vs, int(vz))
 
 
-def _probabilities(e: _Ops, acc, mask, factor: float):
+def _probabilities(e: _Emitter, acc, mask, factor: float):
     """int32 scores -> (uint8 e = round(255 exp(S - max)), int32 row sums)."""
     s = e("multiply", e("astype", acc, "float32"), e.const(factor, "float32"))
     if mask is not None:
@@ -97,7 +80,7 @@ def _probabilities(e: _Ops, acc, mask, factor: float):
     return eu, e("sum", e("astype", eu, "int32"), axis=[-1], keepdims=True)
 
 
-def _output(e: _Ops, acc, rows, v_scale: float):
+def _output(e: _Emitter, acc, rows, v_scale: float):
     y = e("multiply", e("astype", acc, "float32"), e.const(float(v_scale), "float32"))
     return e("divide", y, e("astype", rows, "float32"))
 
@@ -107,7 +90,7 @@ def _perm(rank: int) -> list[int]:
 
 
 def _qattention_i16(node, imp):
-    e = _Ops(imp)
+    e = _Emitter(imp)
     q, k, v, mask, rank, (scale, qs, qz, ks, kz, vs, vz) = _args(node, imp)
 
     def widen(x, zp):
@@ -122,7 +105,7 @@ def _qattention_i16(node, imp):
 
 
 def _qattention_u8(node, imp):
-    e = _Ops(imp)
+    e = _Emitter(imp)
     q, k, v, mask, rank, (scale, qs, qz, ks, kz, vs, vz) = _args(node, imp)
     d = int(node.args[0].meta["val"].shape[-1])
     qu = e("astype", e("add", e("astype", q, "int16"), e.const(128, "int16")), "uint8")

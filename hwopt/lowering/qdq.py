@@ -87,6 +87,13 @@ def _is(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
 
 
+def per_tensor_int8(node, op) -> bool:
+    """`node` is `op` (quantize / dequantize_per_tensor) with int8 range and constant qparams."""
+    return _is(node, op) and tuple(node.args[3:6]) == (QMIN, QMAX, torch.int8) and \
+        all(isinstance(a, (int, float)) for a in node.args[1:3]) and \
+        not node.kwargs.get("out_dtype")
+
+
 def _act(node):
     """(q, scale, zero_point) of ``DQ(q)`` for an int8 per-tensor activation, else None."""
     if not _is(node, qd.dequantize_per_tensor.default):

@@ -14,10 +14,10 @@ import torch
 import torch.fx as fx
 
 from hwopt.graph import add_constant
+from hwopt.lowering.qdq import QMAX, QMIN, per_tensor_int8
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-QMIN, QMAX = -128, 127
 # Elementwise ops; a table region is made of these (constant scalar args) over one DQ.
 UNARY = {aten.gelu.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default,
          aten.erf.default, aten.hardswish.default, aten.hardsigmoid.default, aten.elu.default,
@@ -36,15 +36,6 @@ def _(x, table):
     return torch.empty_like(x)
 
 
-def _is(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _per_tensor(node, op) -> bool:
-    return _is(node, op) and tuple(node.args[3:6]) == (QMIN, QMAX, torch.int8) and \
-        all(isinstance(a, (int, float)) for a in node.args[1:3]) and not node.kwargs
-
-
 _BINARY = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.mul.Scalar,
            aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar, aten.pow.Tensor_Scalar,
            aten.clamp.default, aten.minimum.default, aten.maximum.default, aten.where.self}
@@ -58,7 +49,7 @@ def _region(q: fx.Node):
         n = todo.pop()
         if n in nodes or n is dq:
             continue
-        if _per_tensor(n, qd.dequantize_per_tensor.default):
+        if per_tensor_int8(n, qd.dequantize_per_tensor.default):
             if dq is not None and n is not dq:
                 return None
             dq = n
@@ -90,7 +81,7 @@ def fold_tables(gm: fx.GraphModule) -> int:
     ``int8_lut``; returns the count."""
     count = 0
     for q in list(gm.graph.nodes):
-        if not _per_tensor(q, qd.quantize_per_tensor.default):
+        if not per_tensor_int8(q, qd.quantize_per_tensor.default):
             continue
         found = _region(q)
         if found is None:
@@ -123,9 +114,11 @@ def _lookup_te(x, table):
 def _int8_lut(node, imp):
     """A lookup func of its own (kept out of fusion: hwopt.schedules.lookup rewrites it whole
     where the target has VBMI; else the injective rule schedules it)."""
+    from hwopt.schedules import lookup
+
     bb = imp.block_builder
     x, table = imp.retrieve_args(node)
-    call = bb.call_te(_lookup_te, x, table, primfunc_name_hint="int8_lut")
+    call = bb.call_te(_lookup_te, x, table, primfunc_name_hint=lookup.NAME)
     gv = call.args[0]
     bb.update_func(gv, bb.get()[gv].with_attr("op_pattern", 8))  # kOpaque: not fused
     return bb.emit(call)

@@ -16,7 +16,8 @@ from tvm.script import tirx as T
 
 from .common import block_name, blocks
 
-BLOCK = "hwopt_lut"  # the name of the lookup's compute (hwopt.lowering.qlut)
+BLOCK = "hwopt_lut"  # the name of the lookup's compute (hwopt.lowering.qlut) ...
+NAME = "int8_lut"  # ... and of its PrimFunc (only these are looked at: no schedule per func)
 _PERMUTE = "llvm.x86.avx512.vpermi2var.qi.512"
 
 
@@ -85,7 +86,8 @@ def use_vbmi_lookups(mod: tvm.IRModule, target, choices: dict) -> tuple:
     from . import Choice
 
     found = {gv: shape for gv, f in mod.functions.items()
-             if isinstance(f, tirx.PrimFunc) and (shape := _lookup_shape(f)) is not None}
+             if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(NAME)
+             and (shape := _lookup_shape(f)) is not None}
     if not found or not has_vbmi(target):
         return mod, choices
     mod, choices = tvm.IRModule(dict(mod.functions), attrs=mod.attrs), dict(choices)

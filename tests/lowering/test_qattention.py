@@ -1,26 +1,14 @@
 """int8 attention (hwopt.lowering.qattention): both matmuls as integer kernels, numerics."""
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
-from hwopt.targets.cpu import TARGET as CPU
+from int8_dots import LANES, RULE, dots, target
 
 import hwopt
-from hwopt.lowering.llvm import LLVMLowering
 from hwopt.lowering.qattention import reference
 from hwopt.quant import sqnr
 
-LANES = CPU.schedule_lanes
-RULE = {"i16": "dense_int16", "vnni": "dense_vnni"}
-
-
-def _dots():
-    out = [pytest.param("i16", marks=pytest.mark.skipif(
-        LANES not in (8, 16), reason="vpmaddwd kernels are for x86 AVX2/AVX-512"))]
-    out.append(pytest.param("vnni", marks=pytest.mark.skipif(
-        CPU.lowering.int8_dot != "vnni", reason="this CPU has no AVX-512 VNNI")))
-    return out
+DENSE = {dot: rules[1] for dot, rules in RULE.items()}
 
 
 class SelfAttention(nn.Module):
@@ -50,8 +38,7 @@ def _inputs(s, d, seed):
 
 
 def _compile(model, s, d, dot, attention=True):
-    target = dataclasses.replace(CPU, lowering=LLVMLowering(LANES, int8_dot=dot))
-    return hwopt.compile(model, _inputs(s, d, 0), target=target, passes=["fuse", "quantize"],
+    return hwopt.compile(model, _inputs(s, d, 0), target=target(dot), passes=["fuse", "quantize"],
                          pass_config={"quantize": {"use_cost_model": False,
                                                    "attention": attention}},
                          calibration=[_inputs(s, d, i) for i in range(1, 5)], executor="tvm",
@@ -61,12 +48,12 @@ def _compile(model, s, d, dot, attention=True):
 def _int_matmuls(art, dot):
     (region,) = art.compiled.regions
     assert region.executor == "tvm"
-    return sorted(k for k, c in region.kernels.items() if c[0] == RULE[dot])
+    return sorted(k for k, c in region.kernels.items() if c[0] == DENSE[dot])
 
 
 # 13 tokens: keys padded to 16; head dim 32 (VNNI and vpmaddwd tiles), 6 (VNNI pads it to 8;
 # narrower than a vector: the fp32 rule runs the integer block)
-@pytest.mark.parametrize("dot", _dots())
+@pytest.mark.parametrize("dot", dots())
 @pytest.mark.parametrize("s,d,heads", [(13, 64, 2), (20, 12, 2)])
 def test_int8_attention_runs_integer_kernels_and_matches(dot, s, d, heads):
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """Quantized graphs lowered to integer TVM kernels (hwopt.lowering.qdq, hwopt.schedules.int8)."""
 import copy
-import dataclasses
 import re
 
 import pytest
@@ -8,12 +7,12 @@ import torch
 import torch.nn as nn
 import tvm
 from hwopt.targets.cpu import TARGET as CPU
+from int8_dots import LANES, RULE, dots, target
 
 import hwopt
 from hwopt.capture import from_module
 from hwopt.errors import LoweringError
 from hwopt.lowering.canonicalize import canonicalize
-from hwopt.lowering.llvm import LLVMLowering
 from hwopt.lowering.qdq import fold_requantize, fuse_int8_layers, max_output_lsb
 from hwopt.lowering.region import check_close
 from hwopt.lowering.relax_import import to_relax
@@ -23,23 +22,7 @@ from hwopt.schedules import schedule_module
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten
-LANES = CPU.schedule_lanes
-RULE = {"i16": ("conv2d_nhwc_int16", "dense_int16"), "vnni": ("conv2d_nhwc_vnni", "dense_vnni")}
 INTRIN = {"i16": "pmadd", "vnni": "vpdpbusd"}
-
-
-def _dots():
-    """The integer forms this host runs: int16 pairs on any AVX2/AVX-512 x86, VNNI where present."""
-    out = [pytest.param("i16", marks=pytest.mark.skipif(
-        LANES not in (8, 16), reason="vpmaddwd kernels are for x86 AVX2/AVX-512"))]
-    out.append(pytest.param("vnni", marks=pytest.mark.skipif(
-        CPU.lowering.int8_dot != "vnni", reason="this CPU has no AVX-512 VNNI")))
-    return out
-
-
-def _target(dot: str):
-    """The cpu target with quantized layers imported for `dot`."""
-    return dataclasses.replace(CPU, lowering=LLVMLowering(LANES, int8_dot=dot))
 
 
 class Net(nn.Module):
@@ -115,7 +98,7 @@ INT_LOADS = {"i16": {"int16", "int32", "int16x2", "int16x16", "int16x32", "int32
 LL_OPERANDS = {"i16": ("<16 x i16>", "<32 x i16>"), "vnni": ("<64 x i8>",)}
 
 
-@pytest.mark.parametrize("dot", _dots())
+@pytest.mark.parametrize("dot", dots())
 def test_int8_kernels_are_integer_arithmetic(net, dot):
     """The conv and matmul main loops are integer dot products (int16 pairs on vpmaddwd, or
     uint8 x int8 quads on vpdpbusd), with no float multiply."""
@@ -197,10 +180,10 @@ def _load_dtypes(stmt):
     return out
 
 
-@pytest.mark.parametrize("dot", _dots())
+@pytest.mark.parametrize("dot", dots())
 def test_compiled_int8_matches_fake_quant_within_one_lsb(net, dot):
     model, x, gm = net
-    art = hwopt.compile(model, (x,), target=_target(dot), passes=["fuse", "quantize"],
+    art = hwopt.compile(model, (x,), target=target(dot), passes=["fuse", "quantize"],
                         pass_config={"quantize": {"use_cost_model": False}},
                         calibration=[(torch.randn(x.shape),) for _ in range(3)],
                         executor="tvm", strict=True, cache_dir=False, progress=False)
@@ -263,14 +246,14 @@ def test_torch_compile_backend_end_to_end():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dot", _dots())
+@pytest.mark.parametrize("dot", dots())
 @pytest.mark.parametrize("rows", [1, 13])  # a GEMV, and rows the register tile must pad
 def test_linear_int8_kernel_rows(rows, dot):
     torch.manual_seed(0)
     # K = 34: not a multiple of 4 (VNNI pads it); N = 48 and 16: multiples of the lanes
     model = nn.Sequential(nn.Linear(34, 48), nn.ReLU(), nn.Linear(48, 16)).eval()
     x = torch.randn(rows, 34)
-    art = hwopt.compile(model, (x,), target=_target(dot), passes=["fuse", "quantize"],
+    art = hwopt.compile(model, (x,), target=target(dot), passes=["fuse", "quantize"],
                         pass_config={"quantize": {"use_cost_model": False}},
                         calibration=[(torch.randn(rows, 34),) for _ in range(8)],
                         executor="tvm", strict=True, cache_dir=False, progress=False)
