@@ -29,7 +29,7 @@ _FREE_VIEWS = {"view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "alias
 _LAYOUT_VIEWS = {"t", "slice", "select", "permute", "transpose", "expand", "split",
                  "split_with_sizes", "unbind", "narrow", "as_strided", "chunk"}
 _VIEW_OPS = _FREE_VIEWS | _LAYOUT_VIEWS
-_MATMUL = {"mm", "addmm", "linear", "matmul"}
+_MATMUL = {"mm", "addmm", "linear", "matmul", "grouped_mm"}  # + hwopt::grouped_mm
 # + hwopt::attention, hwopt::qattention
 _BMM = {"bmm", "baddbmm", "scaled_dot_product_attention", "attention", "qattention"}
 _REDUCTION = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "prod", "cumsum",
@@ -246,6 +246,8 @@ def _gemm_work(node, cls, name, dt, ins, out_b) -> Work:
     bias = [(a, b) for a, b in ins if _val(a).dim() < 2]
     if name in ("addmm", "baddbmm") and len(ins) == 3:  # (bias, x, w): data and weight first
         mats, bias = list(ins[1:]), [ins[0]]
+    if name == "grouped_mm":  # (x, w [G, K, N], bias [G, N], group): every group's w is read
+        mats, bias = list(ins[:2]), list(ins[2:])
     os_ = shape(out)
     if name in ("scaled_dot_product_attention", "attention", "qattention"):
         q, kv = shape(_val(ins[0][0])), shape(_val(ins[1][0]))

@@ -42,11 +42,12 @@ def tvm_convertible_ops() -> frozenset[str]:
 def _qdq_converters() -> dict:
     from hwopt.lowering.attention import CONVERTERS as ATTENTION
     from hwopt.lowering.extra_ops import CONVERTERS as EXTRA
+    from hwopt.lowering.grouped import CONVERTERS as GROUPED
     from hwopt.lowering.qattention import CONVERTERS as QATTENTION
     from hwopt.lowering.qdq import CONVERTERS
     from hwopt.lowering.sparse import CONVERTERS as SPARSE
 
-    return {**CONVERTERS, **SPARSE, **ATTENTION, **QATTENTION, **EXTRA}
+    return {**CONVERTERS, **SPARSE, **ATTENTION, **QATTENTION, **EXTRA, **GROUPED}
 
 
 def _key(node: fx.Node) -> str:

@@ -22,9 +22,9 @@ def to_relax(gm: torch.fx.GraphModule, example_inputs: tuple[torch.Tensor, ...],
     """
     from tvm.relax.frontend.torch import from_exported_program
 
-    from hwopt.lowering import attention, extra_ops, qattention, qdq, qlut, sparse
+    from hwopt.lowering import attention, extra_ops, grouped, qattention, qdq, qlut, sparse
 
-    convert = dict(extra_ops.CONVERTERS)
+    convert = {**extra_ops.CONVERTERS, **grouped.CONVERTERS}
     if qdq.has_quantized(gm):  # int8 layers -> integer kernels (see hwopt.lowering.qdq)
         qdq.fuse_int8_layers(gm)  # pruned layers (hwopt::sparse_*) -> hwopt.lowering.sparse
         qlut.fold_tables(gm)  # int8 -> int8 activations (GELU between linears) -> tables

@@ -18,7 +18,7 @@ import tvm
 from tvm import tirx
 
 from .conv2d import Conv2dNHWC
-from .dense import Dense
+from .dense import Dense, GroupedDense
 from .fastmath import use_fast_math
 from .injective import Injective
 from .int8 import I16, VNNI, Conv2dNHWCDot, DenseDot, prepack_weights
@@ -57,10 +57,11 @@ class Rule(Protocol):
 
 # The sparse rules match only the kernels of pruned layers (hwopt.lowering.sparse,
 # sparse_block), the integer rules only int16 x int16 or uint8 x int8 -> int32 blocks (quantized
-# layers); they come before the general rules.
+# layers), the grouped rule only grouped matmuls (hwopt.lowering.grouped, mixtures of experts);
+# they come before the general rules.
 RULES: list[Rule] = [SparseBlockConv(), SparseBlockLinear(), SparseIndexed(), Conv2dNHWCDot(VNNI),
-                     DenseDot(VNNI), Conv2dNHWCDot(I16), DenseDot(I16), Conv2dNHWC(), Dense(),
-                     Reduction(), Injective()]
+                     DenseDot(VNNI), Conv2dNHWCDot(I16), DenseDot(I16), Conv2dNHWC(),
+                     GroupedDense(), Dense(), Reduction(), Injective()]
 
 Pick = Callable[[str, tirx.PrimFunc, Rule, list], dict | None]
 

@@ -45,20 +45,29 @@ def _avx512_time(params: dict, lanes: int, waste: float) -> float:
     return (1.0 + waste) * max(1.0, 8.0 / accs, (mr + vecs) / accs)
 
 
-def _mm_block(sch: s_tir.Schedule):
+GROUPED_BLOCK = "hwopt_grouped_mm_t"  # hwopt.lowering.grouped: B picked per row tile
+
+
+def _mm_block(sch: s_tir.Schedule, grouped: bool = False):
     for b in blocks(sch):
-        if re.fullmatch("S{2,}R", iter_kinds(sch, b)) and _is_mac(sch.get(b)):
+        if (re.fullmatch("S{2,}R", iter_kinds(sch, b))
+                and block_name(sch, b).startswith(GROUPED_BLOCK) == grouped
+                and _is_mac(sch.get(b), grouped)):
             return b
     return None
 
 
-def _is_mac(block) -> bool:
-    """Two distinct operands, both indexed by the reduction var, multiplied and summed."""
+def _is_mac(block, grouped: bool = False) -> bool:
+    """Two distinct operands, both indexed by the reduction var, multiplied and summed (a
+    grouped matmul also reads its row groups, which do not depend on the reduction var)."""
     k = block.iter_vars[-1].var
     reads = [r for r in block.reads if not r.source.same_as(block.writes[0].source)]
+    uses_k = [any(_uses(rg.min, k) for rg in r.region) for r in reads]
+    if grouped:
+        reads = [r for r, u in zip(reads, uses_k) if u]
+        uses_k = [True] * len(reads)
     if len(reads) != 2 or reads[0].source.same_as(reads[1].source):
         return False
-    uses_k = [any(_uses(rg.min, k) for rg in r.region) for r in reads]
     return all(uses_k) and "*" in str(block.body)
 
 
@@ -93,13 +102,14 @@ class Dense:
     """Dense / batched matmul with a fused elementwise epilogue."""
 
     name = "dense"
+    grouped = False
 
     def match(self, func: tirx.PrimFunc) -> bool:
-        return _mm_block(s_tir.Schedule(func)) is not None
+        return _mm_block(s_tir.Schedule(func), self.grouped) is not None
 
     def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
         sch = s_tir.Schedule(func)
-        batch, m, n, k = _shape(sch, _mm_block(sch))
+        batch, m, n, k = _shape(sch, _mm_block(sch, self.grouped))
         ku = next(u for u in (4, 2, 1) if k % u == 0)
         if n < lanes:
             return [{"mr": mr, "nr": n, "k_unroll": ku} for mr in (4, 1) if mr <= m] or \
@@ -129,7 +139,7 @@ class Dense:
     def apply(self, func: tirx.PrimFunc, params: dict, lanes: int) -> tirx.PrimFunc:
         mr, nr, ku = params["mr"], params["nr"], params["k_unroll"]
         sch = s_tir.Schedule(func)
-        mm = _mm_block(sch)
+        mm = _mm_block(sch, self.grouped)
         inline_side_inputs(sch, mm)
         batch, m, n, k = _shape(sch, mm)
         mm_name = block_name(sch, mm)
@@ -182,6 +192,27 @@ class Dense:
         for name in copies:
             _schedule_copy(sch, sch.get_sblock(name), lanes)
         return sch.mod["main"]
+
+
+class GroupedDense(Dense):
+    """The grouped matmul of hwopt.lowering.grouped: a register tile is one tile of rows (one
+    group, so one B), B is read in place (it changes per row tile: no panel packing), and the
+    widest column panel that divides N keeps the tile free of padding."""
+
+    name = "grouped_dense"
+    grouped = True
+
+    def candidates(self, func: tirx.PrimFunc, lanes: int) -> list[dict]:
+        sch = s_tir.Schedule(func)
+        mm = _mm_block(sch, True)
+        tile = int(block_name(sch, mm).removeprefix(GROUPED_BLOCK))
+        _, m, n, k = _shape(sch, mm)
+        ku = next(u for u in (4, 2, 1) if k % u == 0)
+        if m % tile:
+            return []
+        widths = [v * lanes for v in (4, 3, 2, 1) if tile * v <= acc_regs(lanes)
+                  and n % (v * lanes) == 0] or [n]
+        return [{"mr": tile, "nr": nr, "k_unroll": ku, "pack": 0} for nr in widths]
 
 
 def _pack_panel(sch: s_tir.Schedule, mm, loop, lanes: int, copies: list[str]) -> list[str]:
