@@ -5,7 +5,8 @@ Sits in the *run* step and in ``Artifact.save`` (hwopt.aot). `to_plan` walks the
 modules of hwopt.dynamic.control) and writes each node as a step: ``region`` (a saved TVM
 library, by its manifest name), ``aten`` (an op left on the host, by its ATen name), ``getitem``,
 ``cond`` / ``while`` (nested plans or regions per branch), ``bucketed`` (padded sizes -> region),
-``call`` (a nested plan), ``const`` (a tensor in host_consts.pt). An artifact compiled for
+``call`` (a nested plan), ``const`` (a tensor in host_consts.pt), ``host`` (a function of
+hwopt.dynamic.grouped, by name). An artifact compiled for
 dynamic input shapes has instead a ``shape_variants`` entry (hwopt.dynamic.variants): the
 buckets, the input axes to pad and a sub-folder per variant. No model code is needed to run
 it: `load(folder)` reads manifest.json, host_plan.json and the region libraries and returns a
@@ -24,6 +25,7 @@ import torch.utils._pytree as pytree
 
 from hwopt.dynamic.buckets import Bucketed, padded
 from hwopt.dynamic.control import CondOp, IslandOp, WhileOp
+from hwopt.dynamic.grouped import HOST_FUNCTIONS
 from hwopt.errors import HwoptError
 from hwopt.host_threads import single_torch_thread
 
@@ -107,7 +109,10 @@ def _function_step(n: fx.Node) -> dict:
         target = f"{n.target.namespace}::{n.target._opname}.{n.target._overloadname}"
         return {"op": "aten", "target": target, "args": _enc(list(n.args)),
                 "kwargs": {k: _enc(v) for k, v in n.kwargs.items()}, "out": n.name}
-    name = f"operator.{getattr(n.target, '__name__', '')}"
+    fn = getattr(n.target, "__name__", "")
+    if HOST_FUNCTIONS.get(fn) is n.target:
+        return {"op": "host", "target": fn, "args": _enc(list(n.args)), "out": n.name}
+    name = f"operator.{fn}"
     if name in _PY_OPS:
         return {"op": "py", "target": name, "args": _enc(list(n.args)), "out": n.name}
     raise PlanError(f"node {n.name}: {n.target} has no host-plan form (only ATen ops and "
@@ -195,6 +200,8 @@ class PlanRunner:
             return fn(*args, **{k: _dec(v, env) for k, v in step["kwargs"].items()})
         if op == "py":
             return _PY_OPS[step["target"]](*args)
+        if op == "host":
+            return HOST_FUNCTIONS[step["target"]](*args)
         if op == "region":
             out = self._region(step["region"], args)
             return out[0] if step["region"]["single"] else out
@@ -277,6 +284,7 @@ class LoadedArtifact:
 
 def load(folder):
     """Load an artifact saved by ``Artifact.save`` on the machine its target runs on."""
+    import hwopt.lowering.grouped  # noqa: F401 - registers hwopt::grouped_mm for eager steps
     from hwopt.lowering.region import TVMRegion
     from hwopt.target import get_target
 
