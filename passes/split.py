@@ -12,7 +12,10 @@ TVM like any graph (nested regions, as for lazy_cache):
   from the node that creates the unbacked size to the nodes whose shapes are static again) ->
   `IslandOp`: its gather/scatter stays in PyTorch and its row-wise compute becomes
   `hwopt.dynamic.buckets.Bucketed` networks compiled at a few padded sizes chosen by the cost
-  model (at most ``max_buckets``; sizes above the largest run in PyTorch).
+  model (at most ``max_buckets``; sizes above the largest run in PyTorch). A chain of such
+  islands, one per expert of a mixture of experts with the same code and own weights, is merged
+  into one island whose network runs every expert at once with grouped matmuls
+  (passes/split_experts.py; ``group_experts=False`` keeps them apart).
 
 Branch graphs get the constants they read as their own (weights are compile-time constants of
 their TVM code), and are split recursively (a cond inside a loop body). Python ``if`` on a tensor
@@ -34,6 +37,7 @@ import torch.fx as fx
 from hwopt.dynamic.control import CondOp, WhileOp
 from hwopt.pass_base import Pass, PassContext, PassResult, register_pass
 
+from .split_experts import group_experts
 from .split_islands import find_islands, wrap_island
 
 log = logging.getLogger("hwopt")
@@ -45,6 +49,7 @@ class SplitConfig:
     max_buckets: int = 4  # compiled sizes per dynamic sub-network (bounds recompiles)
     max_iterations: int = 1_000_000  # a while_loop running longer raises (a runaway loop)
     pad: bool = True  # pad dynamic rows to buckets where row-independent; False: PyTorch
+    group_experts: bool = True  # one grouped network for a chain of same-code experts
 
 
 def _hop(node: fx.Node) -> str | None:
@@ -77,6 +82,8 @@ def split_graph(gm: fx.GraphModule, cfg: SplitConfig, target=None, prefix: str =
     notes = []
     for i, island in enumerate(find_islands(gm)):
         notes.append(wrap_island(gm, island, f"{prefix}_hwopt_island_{i}", cfg, target))
+    if cfg.group_experts and cfg.pad:
+        notes += group_experts(gm, cfg, target, prefix)
     counts = {"cond": 0, "while_loop": 0}
     for node in list(gm.graph.nodes):
         kind = _hop(node)

@@ -238,15 +238,20 @@ def _bucketed(sub, inputs, outputs, cfg, target, note: list):
         note.append(f"{sub.__class__.__name__}: no bound on the dynamic rows; runs in PyTorch")
         return bk.Bucketed(sub, dyn_in or (0,), dyn_out, [])
     example = [_example(a, n_max) for a in inputs]
-    sizes = bk.candidates(n_max)
-    how = "largest size only (no cost model)"
-    chosen = [n_max]
-    if target is not None:
-        lat, how = bk.latencies(sub, example, dyn_in, sizes, target.cost_model)
-        chosen = bk.choose(lat, n_max, cfg.max_buckets)
+    chosen, how, lat = choose_buckets(sub, example, dyn_in, bk.candidates(n_max), n_max, cfg,
+                                      target)
     note.append(f"{sub.__class__.__name__}: rows <= {n_max}, buckets {chosen} ({how})")
-    return bk.Bucketed(sub, dyn_in, dyn_out, chosen, how,
-                       lat if target is not None else None, cfg.max_buckets)
+    return bk.Bucketed(sub, dyn_in, dyn_out, chosen, how, lat, cfg.max_buckets)
+
+
+def choose_buckets(sub, example: list, dyn_in: tuple, sizes: list[int], n_max: int, cfg,
+                   target) -> tuple[list[int], str, dict | None]:
+    """(bucket sizes, how they were chosen, predicted latency per size) for `sub` with the
+    target's cost model, or the largest size alone without a target."""
+    if target is None:
+        return [n_max], "largest size only (no cost model)", None
+    lat, how = bk.latencies(sub, example, dyn_in, sizes, target.cost_model)
+    return bk.choose(lat, n_max, cfg.max_buckets), how, lat
 
 
 def _upper(sym) -> int | None:

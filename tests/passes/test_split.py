@@ -14,11 +14,11 @@ from hwopt.errors import HwoptError
 OPTS = {"cache_dir": False, "executor": "tvm", "progress": False, "strict": True}
 
 
-def _aot(case):
+def _aot(case, **split):
     model, inputs = case.make(True)
     # two buckets per expert keep the MoE builds short (4 experts x buckets TVM builds)
     return model, inputs, hwopt.compile(model, inputs, **OPTS,
-                                        pass_config={"split": {"max_buckets": 2}})
+                                        pass_config={"split": {"max_buckets": 2, **split}})
 
 
 def _close(a, b, tol=1e-4):
@@ -54,7 +54,8 @@ def test_while_loop_runs_compiled_body():
 @pytest.mark.slow  # 4 experts x 2 buckets of TVM builds: ~50 s
 def test_moe_routing_islands_use_buckets():
     case = dz.cases("moe_top1")[0]
-    model, inputs, art = _aot(case)
+    # experts kept apart (grouped experts: tests/passes/test_split_experts.py)
+    model, inputs, art = _aot(case, group_experts=False)
     islands = [m for m in art.compiled.module.modules() if isinstance(m, IslandOp)]
     assert len(islands) == 4  # one per expert
     notes = " ".join(n for r in art.compiled.pass_records if r.name == "split" for n in r.notes)
