@@ -334,7 +334,9 @@ def _qconv2d_u8(node, imp):
 
     The input is padded with its own zero point (a real 0), so the correction is the same at
     every output position; input channels are padded to a multiple of 4 (vpdpbusd multiplies
-    groups of four) with zero weights.
+    groups of four) with zero weights. Where that zero point is 0 (the input of a ReLU'd layer,
+    whose range starts at 0) and no channels are added, the padding is the conv's own: it
+    stays in the conv kernel in NHWC, not a separate NCHW pad between two layout transposes.
     """
     e = _Emitter(imp)
     (x, w, bias, ws, xs, xz, ys, yz, stride, padding, dilation, groups,
@@ -344,10 +346,14 @@ def _qconv2d_u8(node, imp):
     zp = xz + 128
     cpad = _pad4(int(node.args[0].meta["val"].shape[1]))
     ph, pw = padding
-    u = e("nn.pad", _shifted_u8(e, x), [0, 0, 0, cpad, ph, ph, pw, pw], pad_value=float(zp))
+    u, own = _shifted_u8(e, x), [0, 0]
+    if zp == 0 and not cpad:
+        own = [ph, pw]
+    else:
+        u = e("nn.pad", u, [0, 0, 0, cpad, ph, ph, pw, pw], pad_value=float(zp))
     if cpad:
         w = e("nn.pad", w, [0, 0, 0, cpad, 0, 0, 0, 0])
-    acc = e("nn.conv2d", u, w, strides=stride, padding=[0, 0], dilation=dilation,
+    acc = e("nn.conv2d", u, w, strides=stride, padding=own, dilation=dilation,
             data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
     acc = e("subtract", acc, _zero_point_term(e, w, zp, [1, 2, 3], (1, -1, 1, 1)))
     return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1, 1, 1))
