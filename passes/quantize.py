@@ -25,6 +25,7 @@ import inspect
 import json
 import logging
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -364,8 +365,26 @@ def _input_dq(gm, L: Layer, stats: Stats) -> fx.Node:
     existing = [u for u in L.x.users if u.target is qd.quantize_per_tensor.default]
     if existing:
         return next(iter(existing[0].users))
-    _, dq = _qdq_after(gm, L.x, *stats.observers[L.x].qparams())
+    pooled = _pooled_dq(L.x)
+    qparams = tuple(pooled.args[1:3]) if pooled is not None else stats.observers[L.x].qparams()
+    _, dq = _qdq_after(gm, L.x, *qparams)
     return dq
+
+
+_MAX_POOLS = (aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
+
+
+def _pooled_dq(x: fx.Node) -> fx.Node | None:
+    """The DQ that max pool `x` reads (an int8 layer's output), else None. The pool's output
+    keeps that DQ's qparams: its int8 values then pass through unchanged, and the lowering
+    pools int8 values instead of dequantizing, pooling fp32 and quantizing again."""
+    node = x
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _MAX_POOLS):
+        return None
+    src = node.args[0]
+    return src if src.target is qd.dequantize_per_tensor.default else None
 
 
 def rewrite_int8(gm: fx.GraphModule, L: Layer, stats: Stats) -> None:

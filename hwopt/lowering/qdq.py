@@ -24,6 +24,8 @@ gives the bound the numerical check of a region uses.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.fx as fx
@@ -159,7 +161,21 @@ def _match(gm, node: fx.Node):
 # Ops that move elements without changing them: Q(view(DQ(q))) with equal qparams is view(q).
 _MOVES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.permute.default, aten.clone.default, aten.squeeze.dim, aten.unsqueeze.default,
-          aten.flatten.using_ints, aten.transpose.int, aten.select.int, aten.slice.Tensor}
+          aten.flatten.using_ints, aten.transpose.int, aten.select.int, aten.slice.Tensor,
+          # order-preserving: the max of int8 values is the int8 of the max (same qparams)
+          aten.max_pool2d.default, aten.max_pool2d_with_indices.default}
+
+
+def _moves(node) -> bool:
+    """Whether `node` only moves (or max-pools) its first input's elements; for
+    max_pool2d_with_indices, only through the getitem of its values."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and len(node.users) == 1):
+        return False
+    if node.target is operator.getitem:
+        src = node.args[0]
+        return node.args[1] == 0 and _is(src, aten.max_pool2d_with_indices.default)
+    return node.target in _MOVES and (node.target is not aten.max_pool2d_with_indices.default
+                                      or next(iter(node.users)).target is operator.getitem)
 
 
 def fold_requantize(gm: fx.GraphModule) -> int:
@@ -169,8 +185,7 @@ def fold_requantize(gm: fx.GraphModule) -> int:
         if not _is(q, qd.quantize_per_tensor.default):
             continue
         chain, node = [], q.args[0]
-        while isinstance(node, fx.Node) and node.op == "call_function" and \
-                node.target in _MOVES and len(node.users) == 1:
+        while _moves(node):
             chain.append(node)
             node = node.args[0]
         if not chain or not _is(node, qd.dequantize_per_tensor.default) or \

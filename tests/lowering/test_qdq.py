@@ -38,13 +38,14 @@ class Net(nn.Module):
         return self.fc(y.reshape(16, 64))
 
 
-def _quantized(model, x):
+def _quantized(model, x, observer="minmax"):
     cap = from_module(model, (x,))
     g = torch.Generator().manual_seed(1)
     ctx = PassContext(target=CPU, example_inputs=(x,),
                       calibration=[(torch.randn(x.shape, generator=g),) for _ in range(3)])
     gm = get_pass("fuse")(cap.gm, ctx).graph_module
-    return get_pass("quantize", {"use_cost_model": False})(gm, ctx).graph_module
+    return get_pass("quantize", {"use_cost_model": False, "observer": observer})(
+        gm, ctx).graph_module
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,30 @@ def test_fold_requantize_moves_int8_values():
     gm.recompile()
     assert not any("quantize" in str(t) for t in _ops(gm))
     assert torch.equal(gm(q), want)
+
+
+class PoolNet(nn.Module):
+    """conv -> ReLU -> max pool -> conv: the pool between two int8 layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(nn.functional.max_pool2d(torch.relu(self.c1(x)), 2))
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile"])  # percentile: own qparams
+def test_max_pool_between_int8_layers_pools_int8_values(observer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    gm = _quantized(PoolNet().eval().requires_grad_(False), x, observer)
+    fused = copy.deepcopy(gm)
+    assert fuse_int8_layers(fused) >= 2
+    pools = [n for n in fused.graph.nodes if "max_pool2d" in str(n.target)]
+    assert pools and all(n.args[0].target is torch.ops.hwopt.qconv2d.default for n in pools)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), gm(x), rtol=0, atol=0)  # exact: same qparams
 
 
 def _scheduled(gm, x, dot: str = "i16"):
