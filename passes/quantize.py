@@ -254,6 +254,11 @@ def _skipped(L: Layer, skip: tuple[str, ...]) -> bool:
     return any(s in (L.node.name, L.kind) or (L.path and s in L.path) for s in skip)
 
 
+EPILOGUE_OPS = 2  # per output: bias, activation
+REQUANT_OPS = 12  # per output: int32 -> fp32, scales, round, zero point, clamp, -> int8 (Zen 4:
+# the digits CNN's 1-channel first conv measured 18 us int8 vs 5 us fp32, its epilogue the bulk)
+
+
 def _cost_gain(node: fx.Node, target) -> tuple[float, float] | None:
     """(fp32 latency, int8 latency) the target's cost model predicts, or None without one."""
     model = getattr(target, "cost_model", None)
@@ -263,6 +268,8 @@ def _cost_gain(node: fx.Node, target) -> tuple[float, float] | None:
     from hwopt.cost import node_bytes, node_flops, op_class
 
     flops, nbytes, cls = node_flops(node), node_bytes(node), op_class(node)
+    out = node.meta.get("val")
+    outputs = out.numel() if isinstance(out, torch.Tensor) else 0
     try:  # int8 operands move a quarter of the bytes; the compute runs at the int8 peak
         if "dtype" in inspect.signature(model.cost_of).parameters:
             fp32 = model.cost_of(flops, nbytes, cls, dtype="float32")
@@ -271,7 +278,13 @@ def _cost_gain(node: fx.Node, target) -> tuple[float, float] | None:
             fp32 = model.cost_of(flops, nbytes, cls)
             ratio = spec.peak_flops["float32"] / spec.peak_flops["int8"]
             int8 = model.cost_of(flops * ratio, nbytes / 4, cls)
-        return float(fp32.latency_s), float(int8.latency_s)
+        # The epilogue in the kernel's registers: bias + activation in fp32; in int8 also the
+        # requantization of every output (to fp32, scale, round, clamp, to int8). With few
+        # multiply-adds per output (a first conv on 1-3 channels) it decides.
+        fp32_epi = model.cost_of(outputs * EPILOGUE_OPS, 0, "elementwise")
+        int8_epi = model.cost_of(outputs * (EPILOGUE_OPS + REQUANT_OPS), 0, "elementwise")
+        return (float(fp32.latency_s + fp32_epi.latency_s),
+                float(int8.latency_s + int8_epi.latency_s))
     except Exception as e:  # noqa: BLE001 - a model that cannot answer does not block int8
         log.debug("hwopt: quantize: cost model failed on %s: %s", node.name, e)
         return None

@@ -171,6 +171,15 @@ def test_cost_model_keeps_a_tiny_layer_fp32():
     assert dec["addmm"]["dtype"] == "fp32" and "cost model" in dec["addmm"]["reason"]
 
 
+def test_cost_model_keeps_a_one_channel_first_conv_fp32():
+    # 9 multiply-adds per output: requantizing each output costs more than int8 saves
+    m = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                      nn.ReLU()).eval()
+    dec = _reasons(_quantize(m, torch.randn(60, 1, 8, 8)))
+    assert dec["convolution"]["dtype"] == "fp32" and "cost model" in dec["convolution"]["reason"]
+    assert dec["convolution_1"]["dtype"] == "int8"
+
+
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_weights_simulated(fmt):
     torch.manual_seed(0)
