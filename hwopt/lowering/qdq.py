@@ -257,12 +257,18 @@ class _Emitter:
         return relax.const(value, dtype)
 
 
-def _requantize(e: _Emitter, y, y_scale: float, y_zp: int, lo: int = QMIN, hi: int = QMAX):
-    y = e("round", e("multiply", y, e.const(1.0 / y_scale, "float32")))
+def _requantize(e: _Emitter, y, y_scale: float, y_zp: int, lo: int | None = QMIN,
+                hi: int = QMAX):
+    """``clamp(round(y / y_scale) + y_zp, lo, hi)`` as int8; ``lo=None``: y is known >= 0
+    (after a ReLU), so the sum is >= y_zp >= QMIN and the lower clamp is left out."""
+    if y_scale != 1.0:
+        y = e("multiply", y, e.const(1.0 / y_scale, "float32"))
+    y = e("round", y)
     # maximum/minimum, not clip: ConvertLayout has no layout rule for clip, which would wrap it
     # in transposes and keep it out of the NHWC conv's fused epilogue.
-    y = e("add", y, e.const(float(y_zp), "float32"))
-    y = e("maximum", e("minimum", y, e.const(float(hi), "float32")), e.const(float(lo), "float32"))
+    y = e("minimum", e("add", y, e.const(float(y_zp), "float32")), e.const(float(hi), "float32"))
+    if lo is not None:
+        y = e("maximum", y, e.const(float(lo), "float32"))
     return e("astype", y, "int8")
 
 
@@ -289,15 +295,28 @@ def _dequantize_per_channel(node, imp):
     return e("multiply", y, e("reshape", scales, shape))
 
 
-def _epilogue(e: _Emitter, acc, bias, w_scale, x_scale, y_scale, y_zp, relu, shape):
-    """int32 accumulator -> requantized int8 (the fake-quant reference's float arithmetic)."""
-    scale = e("reshape", e("multiply", w_scale, e.const(x_scale, "float32")), shape)
-    y = e("multiply", e("astype", acc, "float32"), scale)
+def _epilogue(e: _Emitter, acc, bias, w_scale, x_scale, y_scale, y_zp, relu, shape,
+              zp_term=None):
+    """int32 accumulator (minus `zp_term`, per channel) -> requantized int8.
+
+    The fake-quant reference computes ``clamp(round(relu((acc - zp_term) * ws * xs + b) / ys)
+    + y_zp)``; here ``1 / ys`` (positive, so it commutes with the ReLU) and the zero-point term
+    fold into one per-channel scale and offset: ``relu(acc * s + o)``, two vector ops per output
+    fewer in the kernel's epilogue. The float rounding differs from the reference's by an ulp,
+    so an output may move by one LSB at a rounding tie (what the region check allows)."""
+    scale = e("multiply", w_scale, e.const(x_scale / y_scale, "float32"))
+    offset = None
     if bias is not None:
-        y = e("add", y, e("reshape", bias, shape))
+        offset = e("multiply", bias, e.const(1.0 / y_scale, "float32"))
+    if zp_term is not None:
+        term = e("multiply", e("astype", zp_term, "float32"), scale)
+        offset = e("negative", term) if offset is None else e("subtract", offset, term)
+    y = e("multiply", e("astype", acc, "float32"), e("reshape", scale, shape))
+    if offset is not None:
+        y = e("add", y, e("reshape", offset, shape))
     if relu:
         y = e("nn.relu", y)
-    return _requantize(e, y, y_scale, y_zp)
+    return _requantize(e, y, 1.0, y_zp, lo=None if relu else QMIN)
 
 
 def _widen(e: _Emitter, x, zp: int):
@@ -334,10 +353,10 @@ def _shifted_u8(e: _Emitter, x):
     return e("astype", e("add", e("astype", x, "int16"), e.const(128, "int16")), "uint8")
 
 
-def _zero_point_term(e: _Emitter, w, zp: int, axes: list[int], shape):
+def _zero_point_term(e: _Emitter, w, zp: int, axes: list[int]):
     """``zp * sum(w)`` over the reduction axes, per output channel (folds on constant w)."""
     wsum = e("sum", e("astype", w, "int32"), axis=axes)
-    return e("reshape", e("multiply", wsum, e.const(zp, "int32")), shape)
+    return e("multiply", wsum, e.const(zp, "int32"))
 
 
 def _pad4(n: int) -> int:
@@ -370,8 +389,8 @@ def _qconv2d_u8(node, imp):
         w = e("nn.pad", w, [0, 0, 0, cpad, 0, 0, 0, 0])
     acc = e("nn.conv2d", u, w, strides=stride, padding=own, dilation=dilation,
             data_layout="NCHW", kernel_layout="OIHW", out_dtype="int32")
-    acc = e("subtract", acc, _zero_point_term(e, w, zp, [1, 2, 3], (1, -1, 1, 1)))
-    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1, 1, 1))
+    term = _zero_point_term(e, w, zp, [1, 2, 3]) if zp else None
+    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1, 1, 1), term)
 
 
 def _qlinear_u8(node, imp):
@@ -385,8 +404,8 @@ def _qlinear_u8(node, imp):
         u = e("nn.pad", u, [0, 0, 0, kpad], pad_value=float(zp))
         w = e("nn.pad", w, [0, 0, 0, kpad])
     acc = e("matmul", u, e("permute_dims", w, [1, 0]), out_dtype="int32")
-    acc = e("subtract", acc, _zero_point_term(e, w, zp, [1], (1, -1)))
-    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1))
+    term = _zero_point_term(e, w, zp, [1]) if zp else None
+    return _epilogue(e, acc, bias, ws, xs, ys, yz, relu, (1, -1), term)
 
 
 CONVERTERS = {
