@@ -51,13 +51,15 @@ class Timings(dict):
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 12, warmup: int = 3,
-                budget_s: float = 30.0, block: int = 5) -> Timings:
+                budget_s: float = 30.0, block: int = 5, settle_s: float = 0.015) -> Timings:
     """Seconds per call of each function, measured round-robin in blocks (A×5 B×5 ...).
 
-    Each block's first call is not counted: it pays for switching runtimes (PyTorch's OpenMP
-    workers spin after a PyTorch call and slow a TVM call that follows, and the reverse), which a
-    model running on its own does not pay. ``block=1`` gives strict per-call alternation (then a
-    round's figure is its one call).
+    Each block starts with untimed calls, for at least `settle_s` (one call at least): switching
+    runtimes has a cost that a model running on its own does not pay. PyTorch's OpenMP workers
+    spin for milliseconds after a PyTorch call and take a core from the TVM thread pool that
+    runs next (measured here: a 0.8 ms TVM BERT timed at 1.65 ms right after eager calls with
+    one untimed call per block, 0.8 ms with 15 ms), and the reverse. ``block=1`` gives strict
+    per-call alternation (then a round's figure is its one call).
     """
     with torch.no_grad():
         for _ in range(warmup):
@@ -68,7 +70,10 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int = 12, warmup: 
         for _ in range(rounds):
             for k, f in fns.items():
                 if block > 1:
+                    t_settle = time.perf_counter()
                     f()
+                    while time.perf_counter() - t_settle < settle_s:
+                        f()
                 times = []
                 for _ in range(max(block - 1, 1)):
                     t = time.perf_counter()
