@@ -28,9 +28,9 @@ def _undo(a: list[int] | None, b: list[int] | None) -> bool:
 
 
 def _scalar_const(expr) -> bool:
-    from tvm import relax
+    from tvm.ir.expr import Constant  # relax constants (TVM 0.27: value, not data)
 
-    return isinstance(expr, relax.Constant) and all(int(s) == 1 for s in expr.data.shape)
+    return isinstance(expr, Constant) and all(int(s) == 1 for s in expr.value.numpy().shape)
 
 
 def cancel_transposes(mod):
