@@ -8,21 +8,19 @@ batches) and by Inductor; test-set accuracy of each, latency on one batch of 60.
 cnn / bert / vit (hwopt.zoo, full size unless --small): latency of the same three, and the SQNR of
 each output against eager fp32 on fresh inputs (calibration: 4 random batches).
 
-Latencies are medians measured round-robin in blocks (hwopt.bench.interleaved) after warm-up, with
-OMP_WAIT_POLICY=PASSIVE (unless set); the hwopt artifacts run their TVM code (executor="tvm").
+Latencies are medians measured round-robin in blocks (hwopt.bench.interleaved, which lets each
+runtime's spinning threads settle before a block) after warm-up; the hwopt artifacts run their TVM
+code (executor="tvm"). OpenMP is left at its defaults: OMP_WAIT_POLICY=PASSIVE made eager and
+Inductor about 2x slower here.
 Goals (issue 4): accuracy drop <= 1 point, int8 <= 0.4x hwopt fp32 and below Inductor fp32,
 SQNR >= 20 dB. Exits non-zero only on a crash.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-# PyTorch's OpenMP workers otherwise spin after each call and slow the TVM code timed after them
-# (and the reverse): see README. Set before torch loads its OpenMP runtime.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hwopt.bench import environment, first_tensor, interleaved, pin_threads, table
 
