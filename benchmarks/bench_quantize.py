@@ -21,7 +21,6 @@ import argparse
 import sys
 import time
 
-
 from hwopt.bench import environment, first_tensor, interleaved, pin_threads, table
 
 pin_threads(2)
