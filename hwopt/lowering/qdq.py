@@ -243,6 +243,8 @@ class _Emitter:
         from tvm import relax
 
         self.bb, self.op = imp.block_builder, relax.op
+        # int8 results requantized in this region: [(var, (rounded, zero point, hi, lo))]
+        self.requantized = imp.__dict__.setdefault("_hwopt_requantized", [])
 
     def __call__(self, name: str, *args, **kwargs):
         fn = self.op
@@ -266,10 +268,13 @@ def _requantize(e: _Emitter, y, y_scale: float, y_zp: int, lo: int | None = QMIN
     y = e("round", y)
     # maximum/minimum, not clip: ConvertLayout has no layout rule for clip, which would wrap it
     # in transposes and keep it out of the NHWC conv's fused epilogue.
+    rounded = y
     y = e("minimum", e("add", y, e.const(float(y_zp), "float32")), e.const(float(hi), "float32"))
     if lo is not None:
         y = e("maximum", y, e.const(float(lo), "float32"))
-    return e("astype", y, "int8")
+    out = e("astype", y, "int8")
+    e.requantized.append((out, (rounded, float(y_zp), float(hi), lo)))
+    return out
 
 
 def _quantize(node, imp):
@@ -355,7 +360,7 @@ def _shifted_u8(e: _Emitter, x):
     rounded value with the shift in its zero point and clamp bounds: one add and clamp instead
     of int8 -> int16, +128, -> uint8 after the clamp (three vector ops fewer per value in the
     producer's epilogue; its int8 result is dropped when nothing else reads it)."""
-    chain = _requantized(e, x)
+    chain = next((c for v, c in e.requantized if v.same_as(x)), None)
     if chain is None:
         return e("astype", e("add", e("astype", x, "int16"), e.const(128, "int16")), "uint8")
     rounded, zp, hi, lo = chain
@@ -364,37 +369,6 @@ def _shifted_u8(e: _Emitter, x):
     if lo is not None:
         y = e("maximum", y, e.const(lo + 128.0, "float32"))
     return e("astype", y, "uint8")
-
-
-def _requantized(e: _Emitter, x):
-    """(rounded, zero point, hi, lo or None) when `x` is bound to `_requantize`'s
-    ``astype(int8, [maximum(] minimum(add(rounded, zp), hi) [, lo)])``, else None."""
-    from tvm import relax
-
-    def call(v, name):
-        b = e.bb.lookup_binding(v) if isinstance(v, relax.Var) else None
-        ok = isinstance(b, relax.Call) and getattr(b.op, "name", "") == f"relax.{name}"
-        return b if ok else None
-
-    def const(v):
-        from tvm.ir.expr import Constant  # relax constants (TVM 0.27: value, not data)
-
-        return float(v.value.numpy()) if isinstance(v, Constant) and \
-            v.value.numpy().size == 1 else None
-
-    cast = call(x, "astype")
-    if cast is None or str(cast.attrs.dtype) != "int8":
-        return None
-    top, lo = cast.args[0], None
-    if (mx := call(top, "maximum")) is not None:
-        top, lo = mx.args[0], const(mx.args[1])
-        if lo is None:
-            return None
-    mn = call(top, "minimum")
-    add = call(mn.args[0], "add") if mn is not None else None
-    if add is None or const(mn.args[1]) is None or const(add.args[1]) is None:
-        return None
-    return add.args[0], const(add.args[1]), const(mn.args[1]), lo
 
 
 def _zero_point_term(e: _Emitter, w, zp: int, axes: list[int]):
