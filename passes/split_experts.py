@@ -30,13 +30,10 @@ from hwopt.dynamic.control import IslandOp
 from hwopt.dynamic.grouped import group_gather, group_rows, scatter_rows
 from hwopt.graph import constant_value
 
+from .split_islands import _base, choose_buckets
+
 TILE = 4  # rows per tile of one expert: the grouped matmul's register-tile height
 _MATMULS = ("addmm", "mm", "linear")
-
-
-def _base(node) -> str:
-    return getattr(node.target, "__name__", str(node.target)).split(".")[0] \
-        if isinstance(node, fx.Node) else ""
 
 
 @dataclass
@@ -66,6 +63,8 @@ def _dispatch(parent: fx.GraphModule, call: fx.Node) -> _Dispatch | None:
     if len(outs) != 1:
         return None
     put = outs[0]
+    if not isinstance(put, fx.Node):
+        return None
     if _base(put) == "index_put" and len(put.args) >= 4 and put.args[3] is True and len(
             put.args[1]) == 1:
         acc, sel, val = put.args[0], put.args[1][0], put.args[2]
@@ -81,8 +80,8 @@ def _dispatch(parent: fx.GraphModule, call: fx.Node) -> _Dispatch | None:
         return None
     gathers = []
     for a in seg.args:
-        if not (_base(a) == "index_select" and a.args[1] == 0 and a.args[2] is sel
-                and a.args[0].op == "placeholder"):
+        if not (isinstance(a, fx.Node) and _base(a) == "index_select" and a.args[1] == 0
+                and a.args[2] is sel and a.args[0].op == "placeholder"):
             return None
         gathers.append(a.args[0])
     sel_nodes = _ancestors(sel)
@@ -266,8 +265,6 @@ def group_experts(gm: fx.GraphModule, cfg, target, prefix: str = "") -> list[str
 
 
 def _merge(gm: fx.GraphModule, chain: list[_Dispatch], name: str, cfg, target) -> str:
-    from .split_islands import choose_buckets
-
     islands = ", ".join(str(d.call.target) for d in chain)
     built = grouped_network([d.net.sub for d in chain])
     if isinstance(built, str):
