@@ -68,16 +68,24 @@ class Artifact:
         self.compiled, self.in_spec, self.out_spec = compiled, in_spec, out_spec
         self.input_shapes = input_shapes
         self.target = compiled.options.target
+        # Inputs that are just positional tensors (the usual case) skip pytree's flatten, which
+        # costs ~5 us a call: a tenth of a small int8 CNN's whole run.
+        n = len(input_shapes)
+        self._positional = n if in_spec == pytree.tree_flatten((tuple(range(n)), {}))[1] else -1
 
     def __call__(self, *args, **kwargs):
         if not self.target.runs_here():
             raise HwoptError(f"code for target {self.target.name!r} cannot run on this machine; "
                              "use art.save(dir) and run it on the device")
-        flat, spec = pytree.tree_flatten((args, kwargs))
-        if spec != self.in_spec:
-            raise HwoptError(f"inputs do not match the structure compiled for: expected "
-                             f"{self.in_spec}, got {spec}")
-        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if not kwargs and len(args) == self._positional and all(
+                isinstance(a, torch.Tensor) for a in args):
+            tensors = args
+        else:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self.in_spec:
+                raise HwoptError(f"inputs do not match the structure compiled for: expected "
+                                 f"{self.in_spec}, got {spec}")
+            tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         for i, (t, shape) in enumerate(zip(tensors, self.input_shapes)):
             if tuple(t.shape) != shape:
                 raise HwoptError(f"input {i} has shape {tuple(t.shape)}, compiled for {shape}; "

@@ -58,8 +58,12 @@ class Compiled:
         mixed = self.__dict__.get("_mixed")
         if mixed is None:
             mixed = self.__dict__["_mixed"] = mixes_torch_and_tvm(self.module)
-        with torch.no_grad(), single_torch_thread(mixed):
-            out = self.module(*inputs)
+        if mixed:
+            with torch.no_grad(), single_torch_thread():
+                out = self.module(*inputs)
+        else:  # one TVM region alone: no thread switch (its context costs ~1 us a call)
+            with torch.no_grad():
+                out = self.module(*inputs)
         return out if isinstance(out, tuple) else (out,)
 
 
