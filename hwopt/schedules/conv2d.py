@@ -35,18 +35,19 @@ def _rank(lanes: int, depthwise: bool):
     """Sort key of the (oc_block, reg_w) candidates, best first.
 
     AVX2: most FMAs per load first, among equals the wider w tile (measured on Zen 3). AVX-512
-    (measured on Zen 4, whose 512-bit FMAs are double-pumped): the FMA pipes, not loads, bound
-    the loop; one weight vector times 7-14 broadcast rows came within 2 % of the best tile on
-    every zoo conv (wide oc blocks up to 10 % behind), and depthwise tiles, which reuse nothing
-    across channels, were fastest with up to 8 accumulators in two vectors per row (the reuse
-    order was up to 2x slower there).
+    (measured on Zen 5, full-width 512-bit FMAs, every candidate of every zoo conv timed): tiles
+    of 12-16 accumulators in two weight vectors per row won (32x7 / 32x8: 5-12 % faster than
+    one vector x 14 rows on the CNN and MobileNet, up to 1.7x on the digits CNN's 4-wide rows,
+    where 64x4 won); 28 accumulators (32x14) lost up to 1.6x on pointwise convs whose weights
+    are not packed. Depthwise tiles, which reuse nothing across channels, were fastest with up
+    to 8 accumulators in two vectors per row (the reuse order was up to 2x slower there).
     """
     def key(c):
         vecs, rw = max(c["oc_block"] // lanes, 1), c["reg_w"]
         if lanes == 16 and depthwise:
             return (rw * vecs > 8, abs(vecs - 2), abs(rw - 3))
         if lanes == 16:
-            return (vecs != 1, not 7 <= rw <= 14, -rw if rw <= 14 else rw)
+            return (not 12 <= rw * vecs <= 16, abs(vecs - 2), abs(rw - 7))
         return (-round(reuse(rw, vecs), 1), -rw)
 
     return key
