@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hwopt.cost_learned import CLASSES, _per_kernel
+
 KERNEL_FEATURES = ("cls", "log_flops", "log_bytes", "lvl0_log_bytes", "lvl1_log_bytes",
                    "lvl2_log_bytes", "lvl3_log_bytes", "log_gemm_m", "log_gemm_k", "log_gemm_n",
                    "window", "log_row_bytes", "lane_use", "log_compute_over_memory",
