@@ -1,8 +1,6 @@
 """The prune pass: masks per scheme, reconstruction, decisions, graph form, error paths."""
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -230,8 +228,7 @@ def test_detect_compiles_an_already_pruned_model_without_changing_it():
 
 
 def _digits(epochs):
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    from bench_quantize import accuracy, digits_data, digits_model, train
+    from digits import accuracy, digits_data, digits_model, train
 
     (xtr, ytr), (xte, yte) = digits_data()
     model = train(digits_model(), xtr, ytr, epochs=epochs)

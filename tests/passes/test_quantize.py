@@ -202,11 +202,7 @@ def test_property_random_models_within_tolerance(case):
 def test_digits_int8_integer_kernels_keep_accuracy():
     """Real data (sklearn's digits): the compiled int8 model runs VNNI/int16 integer kernels in TVM
     and loses at most 1 point of test accuracy against fp32 eager (issue 4's floor)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
-    from bench_quantize import BATCH, accuracy, digits_data, digits_model, train
+    from digits import BATCH, accuracy, digits_data, digits_model, train
 
     (xtr, ytr), (xte, yte) = digits_data()
     model = train(digits_model(), xtr, ytr)
