@@ -46,7 +46,7 @@ from hwopt.cost_measure import build, load_built, signature, time_quietly  # noq
 from hwopt.target import get_target  # noqa: E402
 
 FULL = {"zoo": [(m, s) for m in ("cnn", "mobilenet", "bert", "vit", "gpt2")
-                for s in (True, False)], "windows": (1, 2, 3, 5, 8), "random": 640}
+                for s in (True, False)], "windows": (1, 2, 3, 5, 8), "random": 1280}
 QUIET = 0.25  # a measurement is "quiet" when other processes used less than this many cores
 QUICK = {"zoo": [("cnn", True), ("bert", True)], "windows": (1, 3), "random": 24}
 

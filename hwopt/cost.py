@@ -281,7 +281,16 @@ class RooflineModel:
 
     def _lane_use(self, k: Kernel):
         """Share of vector lanes doing work in a conv/matmul: its N (output channels, columns)
-        is vectorized, so N = 12 on 8 lanes runs 16 lanes' worth."""
+        is vectorized, so N = 12 on 8 lanes runs 16 lanes' worth. A row reduction along the
+        last axis runs its sums as vector ops only when `lanes` divides the row and the row
+        holds two vectors (``hwopt.schedules.reduction._rfactor``); otherwise its reducing
+        passes run scalar and only the element-wise pass is vectorized."""
+        n = getattr(k.work, "inner", 0)
+        if k.cls in ROW_PASSES and isinstance(n, int) and n > 0 and self.lanes > 1 and (
+                n % self.lanes or n < 2 * self.lanes):
+            passes = ROW_PASSES[k.cls]
+            scalar = max(passes - 1, 1)
+            return passes / (scalar * self.lanes + passes - scalar)
         if k.work.gemm is None or k.cls not in ("conv", "dwconv", "matmul", "bmm"):
             return 1
         n = k.work.gemm[3]

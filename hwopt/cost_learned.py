@@ -117,7 +117,7 @@ class LearnedModel:
     feature_names: tuple = FEATURES
     meta: dict = field(default_factory=dict)
     kernel_model: object = None  # hwopt.cost_learned_kernels.KernelModel, or None
-    blend: float = 0.3  # weight of the subgraph trees when there is a kernel model
+    blend: float = 0.15  # weight of the subgraph trees when there is a kernel model
 
     def log_ratio(self, x: list[float]) -> float:
         out = self.init
@@ -158,7 +158,7 @@ class LearnedModel:
             kernel_model = KernelModel.from_json(m["kernel_model"])
         return cls(float(m["init"]), float(m["learning_rate"]), list(m["trees"]),
                    tuple(m["features"]), dict(m.get("meta", {})), kernel_model,
-                   float(m.get("blend", 0.3)))
+                   float(m.get("blend", 0.15)))
 
 
 def train(roof, samples: list, n_estimators: int = 300, max_depth: int = 3,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hwopt.cost_learned import CLASSES, _per_kernel
+from hwopt.cost_ops import ELEMENT_FLOPS, base_name
 
 KERNEL_FEATURES = ("cls", "log_flops", "log_bytes", "lvl0_log_bytes", "lvl1_log_bytes",
                    "lvl2_log_bytes", "lvl3_log_bytes", "log_gemm_m", "log_gemm_k", "log_gemm_n",
@@ -25,7 +26,9 @@ KERNEL_FEATURES = ("cls", "log_flops", "log_bytes", "lvl0_log_bytes", "lvl1_log_
                    "log_roofline_s", "parallel", "n_reads", "n_writes", "n_mod_16", "m_mod_6",
                    "log_work", "n_kernels", "integer", "log_in_last_dim", "log_in_channels",
                    "log_in_spatial", "in_last_mod_16", "log_out_last_dim", "out_last_mod_16",
-                   "in_rank")
+                   "in_rank", "log_rows", "log_reduce_ratio", "log_out_elems", "heavy_ops",
+                   "libm_ops", "n_nodes", "log_gemm_batch", "log_gemm_m1", "m_mod_16",
+                   "k_mod_16", "n_mod_32")
 
 
 def _log(x: float) -> float:
@@ -33,11 +36,22 @@ def _log(x: float) -> float:
 
 
 def _shape(key) -> list:
-    """Shape of the tensor a kernel reads or writes (keys may be tagged: ("nhwc", node))."""
+    """Shape of the tensor a kernel reads or writes (keys may be tagged: ("nhwc", node)); of
+    the first output of a node with several (native_layer_norm's normalized tensor)."""
     if isinstance(key, tuple):
         key = key[-1]
     val = getattr(key, "meta", {}).get("val") if key is not None else None
+    if isinstance(val, (tuple, list)):
+        val = next((v for v in val if isinstance(v, torch.Tensor)), None)
     return [int(s) for s in val.shape] if isinstance(val, torch.Tensor) else []
+
+
+def _ops(k) -> list[float]:
+    """Element-wise ops of a kernel that are more than an instruction: vectorized polynomials
+    (exp, tanh, gelu: >= 20 FLOP equivalents) and scalar libm calls (sigmoid, silu, log)."""
+    cost = [ELEMENT_FLOPS.get(base_name(n), 1) for n in k.nodes]
+    return [float(sum(c >= 20 for c in cost)), float(sum(c >= 150 for c in cost)),
+            float(len(cost))]
 
 
 def kernel_rows(roof, kernels, terms=None) -> tuple[list[list[float]], list[float]]:
@@ -53,6 +67,7 @@ def kernel_rows(roof, kernels, terms=None) -> tuple[list[list[float]], list[floa
         ins = _shape(k.reads[0].key) if k.reads else []
         outs = _shape(k.writes[0][0]) if k.writes else []
         last, wl = (ins[-1] if ins else 0), (outs[-1] if outs else 0)
+        n_in, n_out = math.prod(ins) if ins else 0, math.prod(outs) if outs else 0
         rows.append([
             float(CLASSES.index(t["cls"])) if t["cls"] in CLASSES else -1.0,
             _log(float(t["flops"])), _log(float(t["bytes"])), *[_log(x) for x in lb],
@@ -64,7 +79,10 @@ def kernel_rows(roof, kernels, terms=None) -> tuple[list[list[float]], list[floa
             _log(float(t["work"])), float(len(terms)), float(t["dtype"] != "float32"),
             _log(last), _log(ins[1] if len(ins) == 4 else 0),
             _log(ins[2] * ins[3] if len(ins) == 4 else 0), float(last % 16) if last else -1.0,
-            _log(wl), float(wl % 16) if wl else -1.0, float(len(ins))])
+            _log(wl), float(wl % 16) if wl else -1.0, float(len(ins)),
+            _log(n_in / last if last else 0), _log(n_in / n_out if n_out else 0), _log(n_out),
+            *_ops(k), _log(b), _log(m), float(m % 16) if m else -1.0,
+            float(kk % 16) if kk else -1.0, float(n % 32) if n else -1.0])
         base.append(pk["lat"])
     return rows, base
 

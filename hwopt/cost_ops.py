@@ -171,7 +171,9 @@ class Work:
     `inputs` are (producer node, bytes read) in role order: data, weight, then the rest.
     `gemm` is (batch, M, K, N) for conv/matmul/bmm (conv as implicit GEMM: M = N*OH*OW,
     K = Cin/groups*kh*kw, N = Cout); `window` is how often each data element is re-used by a
-    sliding window (kh*kw/stride^2); `row_bytes` is the extent a reduction re-reads.
+    sliding window (kh*kw/stride^2); `row_bytes` is the extent a reduction re-reads; `inner` is
+    the length of the innermost reduced axis when a reduction runs along the last axis (0 when
+    it keeps that axis), which decides whether its sums run as vector ops.
     """
 
     cls: str
@@ -183,6 +185,7 @@ class Work:
     gemm: tuple | None = None
     window: Any = 1
     row_bytes: Any = 0
+    inner: Any = 0
 
 
 def _tensor_inputs(node: fx.Node) -> list:
@@ -209,7 +212,9 @@ def node_work(node: fx.Node) -> Work:
         row = _row_bytes(node, name, src) if isinstance(src, torch.Tensor) else 0
         kernel, window = _pool_window(node) if name in _POOLS else (1, 1)
         flops = ELEMENT_FLOPS.get(name, 1) * (n_out * kernel if name in _POOLS else n_in)
-        return Work(cls, flops, 0, dt, tuple(ins), out_b, window=window, row_bytes=row)
+        inner = _inner_reduced(node, name, src) if isinstance(src, torch.Tensor) else 0
+        return Work(cls, flops, 0, dt, tuple(ins), out_b, window=window, row_bytes=row,
+                    inner=inner)
     flops = 0 if is_copy(node) else ELEMENT_FLOPS.get(name, 1) * n_out
     return Work(cls, flops, 0, dt, tuple(ins), out_b)
 
@@ -281,6 +286,26 @@ def _row_bytes(node: fx.Node, name: str, src: torch.Tensor) -> Any:
         if d and all(isinstance(i, int) and -len(sh) <= i < len(sh) for i in d):
             return math.prod(sh[i] for i in d) * src.element_size()
     return sh[-1] * src.element_size()
+
+
+def _inner_reduced(node: fx.Node, name: str, src: torch.Tensor) -> Any:
+    """Length of the last axis when `node` reduces along it (layer/RMS/group norm, softmax over
+    the last dim, sum/mean/max over dims that include the last), else 0. Pools and batch norm
+    (a per-channel scale at inference) keep the last axis."""
+    sh = shape(src)
+    if not sh or name in _POOLS or "adaptive" in name or "batch_norm" in name:
+        return 0
+    last = len(sh) - 1
+    if name in _NORM:
+        return sh[-1]
+    at = 2 if name == "norm" else 1  # norm(x, p, dim)
+    dims = node.args[at] if len(node.args) > at else None
+    if dims is None or dims == []:  # a full reduction
+        return sh[-1]
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    if not all(isinstance(d, int) for d in dims):
+        return 0
+    return sh[-1] if any(d % len(sh) == last for d in dims) else 0
 
 
 _POOLS = {"avg_pool2d", "max_pool2d", "max_pool2d_with_indices"}

@@ -8,7 +8,7 @@ from hwopt import zoo
 from hwopt.capture import from_module
 from hwopt.cost import Cost, RooflineModel, node_bytes, node_flops, op_class
 from hwopt.cost_fusion import graph_kernels, kernel_signature
-from hwopt.cost_ops import node_work
+from hwopt.cost_ops import base_name, node_work
 from hwopt.graph import propagate_meta
 from hwopt.pass_base import PassContext, PassResult, get_pass, register_pass
 from hwopt.target import get_target
@@ -155,3 +155,35 @@ def test_a_pass_reads_the_cost_model_and_a_4x_matmul_is_slower():
     (small, large), = [list(d.values()) for d in ctx.log]
     assert large.flops == 4 * small.flops
     assert large.latency_s > small.latency_s and large.energy_j > small.energy_j
+
+
+def test_a_row_reduction_runs_scalar_sums_when_lanes_do_not_divide_its_rows():
+    roof = RooflineModel.from_spec(get_target("cpu").spec)
+    lanes = roof.lanes
+
+    def norm_util(last):
+        gm = _captured(torch.nn.LayerNorm(last), torch.randn(32, last))
+        return next(t["util"] for t in roof.kernel_terms(graph_kernels(gm))
+                    if t["cls"] == "norm")
+
+    assert lanes > 1 and norm_util(12 * lanes) == 1
+    # mean/var pass scalar (lanes times the work), the normalizing pass vectorized
+    assert norm_util(12 * lanes + 5) == pytest.approx(2 / (lanes + 1))
+    assert norm_util(lanes) < 1  # one vector per row: the schedule does not rfactor it
+    odd = _captured(torch.nn.LayerNorm(197), torch.randn(32, 197))
+    even = _captured(torch.nn.LayerNorm(192), torch.randn(32, 192))
+    t_odd, t_even = (float(roof.kernels_cost(graph_kernels(g)).latency_s) for g in (odd, even))
+    assert t_odd > 2 * t_even
+
+
+def test_inner_reduced_axis_of_row_and_column_reductions():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x.softmax(-1), x.softmax(1), x.sum(1), x.mean([1, 2]), x.amax(-1)
+
+    gm = _captured(M(), torch.randn(2, 8, 40))
+    inner = [(base_name(n), node_work(n).inner) for n in gm.graph.nodes
+             if op_class(n) in ("softmax", "reduction")]
+    # the last axis is reduced (40) or kept (0: its lanes stay vector lanes)
+    assert inner == [("_softmax", 40), ("_softmax", 0), ("sum", 0), ("mean", 40),
+                     ("amax", 40)]

@@ -75,6 +75,26 @@ def test_rows_have_every_feature_and_the_read_shape(roof):
     assert feat["in_rank"] == 4
 
 
+def test_a_layer_norm_kernel_has_its_output_shape_rows_and_ops(roof):
+    import torch
+
+    from hwopt.capture import from_module
+    from hwopt.cost_fusion import graph_kernels
+    from hwopt.graph import propagate_meta
+
+    m = torch.nn.Sequential(torch.nn.LayerNorm(197), torch.nn.GELU())
+    cap = from_module(m.eval(), (torch.randn(1, 32, 197),))
+    propagate_meta(cap.gm, cap.example_inputs)
+    rows, _ = kernel_rows(roof, graph_kernels(cap.gm))
+    feat = dict(zip(KERNEL_FEATURES, rows[0]))
+    # native_layer_norm returns (out, mean, rstd): the write shape is the normalized tensor's
+    assert feat["log_out_last_dim"] == pytest.approx(math.log(198))
+    assert feat["out_last_mod_16"] == 197 % 16
+    assert feat["log_rows"] == pytest.approx(math.log(33))
+    assert feat["log_out_elems"] == pytest.approx(math.log(32 * 197 + 1))
+    assert feat["heavy_ops"] >= 1  # the GELU fused after it
+
+
 def test_wrong_feature_set_is_refused(roof):
     model = train_kernels(roof, mixed_set(roof, n=20), n_trees=3)
     data = model.to_json()
