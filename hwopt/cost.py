@@ -285,9 +285,9 @@ class RooflineModel:
         last axis runs its sums as vector ops only when `lanes` divides the row and the row
         holds two vectors (``hwopt.schedules.reduction._rfactor``); otherwise its reducing
         passes run scalar and only the element-wise pass is vectorized."""
-        n = getattr(k.work, "inner", 0)
-        if k.cls in ROW_PASSES and isinstance(n, int) and n > 0 and self.lanes > 1 and (
-                n % self.lanes or n < 2 * self.lanes):
+        row = k.work.inner
+        if k.cls in ROW_PASSES and isinstance(row, int) and row > 0 and self.lanes > 1 and (
+                row % self.lanes or row < 2 * self.lanes):
             passes = ROW_PASSES[k.cls]
             scalar = max(passes - 1, 1)
             return passes / (scalar * self.lanes + passes - scalar)
